@@ -1,0 +1,39 @@
+# Every target installs what it needs into .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PORT   ?= 5000
+ARGS   ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup train test test-all ui clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup:  ## create .venv with everything installed (TORCH=... to choose the torch build, e.g. a CUDA one)
+	@want="$(TORCH) $$(cat pyproject.toml | cksum)"; \
+	if [ "$$(cat $(STAMP) 2>/dev/null)" != "$$want" ]; then \
+	  set -e; \
+	  [ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV); \
+	  $(BIN)/python -m pip install --quiet --upgrade pip; \
+	  $(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[dev]"; \
+	  echo "$$want" > $(STAMP); \
+	fi
+
+train: setup  ## train on the built-in corpus (ARGS="trainer.epochs=2 ..." for Hydra overrides)
+	$(BIN)/python train.py $(ARGS)
+
+test: setup  ## run the test suite (tests marked slow excluded)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+test-all: setup  ## run every test, slow ones included
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
+
+ui: setup  ## serve the MLflow UI for ./mlflow.db on http://127.0.0.1:$(PORT)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(PORT)
+
+clean:  ## delete run outputs and caches (keeps .venv, mlflow.db and the generated corpus)
+	rm -rf outputs multirun data/cache

@@ -1,0 +1,122 @@
+"""MLflow: one run per training job, holding the composed Hydra config, curves and outputs.
+
+We talk to MLflow through `MlflowClient` with an explicit run id rather than the fluent API's
+process-global active run, and log metrics from our own small TrainerCallback instead of HF's
+`report_to="mlflow"`: that callback logs ~170 TrainingArguments/model-config params which
+drown the Hydra ones users actually sweep, and it ends runs it did not start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+from mlflow.utils.time import get_current_time_millis
+from omegaconf import DictConfig, OmegaConf
+from transformers import TrainerCallback
+
+from asr.paths import REPO_DIR
+
+log = logging.getLogger(__name__)
+
+PARAM_VALUE_LIMIT = 500  # MLflow accepts 6000 characters; long lists are unreadable in the UI anyway
+PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else an SQLite store at the repository root."""
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_DIR / 'mlflow.db'}"
+
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """Dotted keys → short string values: `trainer.lr: 0.003`, as the compare view shows them."""
+    flat: dict[str, str] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            text = str(node)
+            flat[prefix[:-1]] = text if len(text) <= PARAM_VALUE_LIMIT else text[: PARAM_VALUE_LIMIT - 1] + "…"
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def git_state() -> dict[str, str]:
+    """Commit and dirty flag of the code that ran ('unknown' outside a git checkout)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO_DIR), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return {"git_sha": git("rev-parse", "HEAD"), "git_dirty": str(bool(git("status", "--porcelain"))).lower()}
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_sha": "unknown", "git_dirty": "unknown"}
+
+
+class MlflowRun:
+    """A run in the configured store; every method is a no-op when tracking is disabled."""
+
+    def __init__(self, tracking_cfg: DictConfig, run_name: str, tags: dict[str, str]) -> None:
+        self.client: MlflowClient | None = None
+        self.run_id: str | None = None
+        if not tracking_cfg.enabled:
+            return
+        uri = tracking_uri(tracking_cfg)
+        self.client = MlflowClient(tracking_uri=uri)
+        experiment = self.client.get_experiment_by_name(tracking_cfg.experiment)
+        if experiment is None:
+            # Keep artifacts next to the default store, not in whatever cwd the job ran from.
+            location = (REPO_DIR / "mlruns").as_uri() if uri.startswith("sqlite:///") and not tracking_cfg.uri else None
+            experiment_id = self.client.create_experiment(tracking_cfg.experiment, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+        run = self.client.create_run(experiment_id, run_name=run_name, tags={**git_state(), **tags, "mlflow.source.name": "train.py"})
+        self.run_id = run.info.run_id
+        log.info("MLflow run %s (%s) in %s, experiment %r", run_name, self.run_id, uri, tracking_cfg.experiment)
+
+    def log_config(self, cfg: DictConfig) -> None:
+        if not self.client:
+            return
+        params = [Param(key, value) for key, value in flatten(cfg).items()]
+        for start in range(0, len(params), PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=params[start : start + PARAMS_PER_BATCH])
+        self.client.log_text(self.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.client:
+            return
+        now = get_current_time_millis()
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: Path) -> None:
+        if self.client and path.exists():
+            self.client.log_artifact(self.run_id, str(path))
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.client:
+            self.client.set_tag(self.run_id, key, value)
+
+    def end(self, status: str) -> None:
+        """FINISHED / FAILED / KILLED, so no run is left RUNNING after a crash or Ctrl-C."""
+        if self.client:
+            self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+
+
+class MlflowMetricsCallback(TrainerCallback):
+    """Train loss, learning rate, eval WER/CER... at the Trainer's global step: the curves in the UI."""
+
+    def __init__(self, run: MlflowRun) -> None:
+        self.run = run
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.run.log_metrics(logs, step=state.global_step)

@@ -1,0 +1,180 @@
+"""The pipeline, top to bottom: load → normalise → vocab → features → model → train → test → save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from datasets import Dataset, DatasetDict
+from omegaconf import DictConfig, OmegaConf
+from transformers import Trainer, TrainingArguments, Wav2Vec2BertForCTC, Wav2Vec2BertProcessor, set_seed
+
+from asr.collator import CTCCollator
+from asr.data import DataError, fingerprint, load_splits
+from asr.features import build_processor, build_vocab, extract_features, normalize_splits
+from asr.metrics import argmax_logits, decode_predictions, make_compute_metrics
+from asr.model import build_model, load_feature_extractor
+from asr.tracking import MlflowMetricsCallback, MlflowRun
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(precision: str) -> dict[str, bool]:
+    """auto = bf16 where the GPU supports it, else fp16 on CUDA, fp32 on CPU."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if precision in ("fp16", "bf16") and not cuda:
+        log.warning("trainer.precision=%s needs a CUDA GPU; training in fp32 on this machine", precision)
+        precision = "fp32"
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"trainer.precision={precision!r}: choose auto, fp32, fp16 or bf16")
+    return {"fp16": precision == "fp16", "bf16": precision == "bf16"}
+
+
+def build_training_args(cfg: DictConfig, output_dir: Path) -> TrainingArguments:
+    """Our short, sweepable names (trainer.lr, trainer.epochs...) → TrainingArguments."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.warmup_ratio  # a float < 1 is a ratio
+    return TrainingArguments(
+        output_dir=str(output_dir / "checkpoints"),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=warmup,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        length_column_name="input_length",
+        eval_strategy="steps",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        load_best_model_at_end=True,
+        metric_for_best_model="wer",
+        greater_is_better=False,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        seed=cfg.seed,
+        report_to="none",  # MLflow is handled by asr.tracking (see there why)
+        **resolve_precision(cfg.precision),
+        **OmegaConf.to_container(cfg.extra, resolve=True),
+    )
+
+
+def drop_ctc_infeasible(train: Dataset, model: Wav2Vec2BertForCTC) -> Dataset:
+    """CTC needs one output frame per label (two between repeated letters); others only add noise."""
+    def feasible(input_length: int, labels: list[int]) -> bool:
+        frames = int(model._get_feat_extract_output_lengths(torch.tensor(input_length)))
+        repeats = sum(a == b for a, b in zip(labels, labels[1:]))
+        return len(labels) + repeats <= frames
+
+    kept = train.filter(feasible, input_columns=["input_length", "labels"], desc="Checking CTC feasibility")
+    if len(kept) < len(train):
+        log.warning("Dropped %d of %d train utterances whose transcript is longer than the model's output "
+                    "frames (audio too short or transcript misaligned)", len(train) - len(kept), len(train))
+    if not len(kept):
+        raise DataError("no train utterance is long enough for its transcript; check that audio and text match")
+    return kept
+
+
+def best_eval(log_history: list[dict]) -> dict[str, float]:
+    """The evaluation with the lowest WER (the checkpoint load_best_model_at_end restored)."""
+    evals = [entry for entry in log_history if "eval_wer" in entry]
+    if not evals:
+        return {}
+    best = min(evals, key=lambda entry: (entry["eval_wer"], entry["step"]))
+    return {"eval_wer": best["eval_wer"], "eval_cer": best["eval_cer"], "eval_loss": best["eval_loss"], "best_step": best["step"]}
+
+
+def write_predictions(path: Path, ids: list[str], references: list[str], hypotheses: list[str]) -> None:
+    with path.open("w", encoding="utf-8") as out:
+        for utt_id, ref, hyp in zip(ids, references, hypotheses):
+            out.write(json.dumps({"id": utt_id, "reference": ref, "hypothesis": hyp}, ensure_ascii=False) + "\n")
+
+
+def prepare(cfg: DictConfig, output_dir: Path) -> tuple[DatasetDict, DatasetDict, Wav2Vec2BertProcessor]:
+    """Rows → normalised text → train-only vocab → processor (saved to model/) → cached features."""
+    splits = normalize_splits(load_splits(cfg.dataset), cfg.dataset.text, cfg.dataset.num_proc)
+    vocab = build_vocab(splits["train"]["text"])
+    processor = build_processor(vocab, load_feature_extractor(cfg.model), output_dir / "model")
+    features = extract_features(splits, processor, cfg.dataset, Path(cfg.paths.cache_dir) / "features")
+    return splits, features, processor
+
+
+def run(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, float]:
+    """Train and test one configuration; returns metrics.json's content (eval_wer is what sweeps minimise)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)
+    splits, features, processor = prepare(cfg, output_dir)
+    model = build_model(cfg.model, cfg.regularization, processor.tokenizer)
+    features["train"] = drop_ctc_infeasible(features["train"], model)
+
+    tags = {"dataset": cfg.dataset.name, "dataset_fingerprint": fingerprint(splits), "model": cfg.model.name,
+            "overrides": " ".join(overrides)}
+    tracker = MlflowRun(cfg.tracking, cfg.tracking.run_name or (" ".join(overrides) or "defaults"), tags)
+    try:
+        tracker.log_config(cfg)
+        metrics = _train_and_test(cfg, output_dir, model, features, processor, tracker)
+    except KeyboardInterrupt:
+        tracker.end("KILLED")
+        raise
+    except BaseException as err:
+        tracker.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
+    return metrics
+
+
+def _train_and_test(cfg, output_dir: Path, model, features: DatasetDict, processor, tracker: MlflowRun) -> dict[str, float]:
+    trainer = Trainer(
+        model=model,
+        args=build_training_args(cfg.trainer, output_dir),
+        data_collator=CTCCollator(processor),
+        train_dataset=features["train"],
+        eval_dataset=features["dev"],
+        processing_class=processor,
+        compute_metrics=make_compute_metrics(processor.tokenizer),
+        preprocess_logits_for_metrics=argmax_logits,
+        callbacks=[MlflowMetricsCallback(tracker)],
+    )
+    started = time.perf_counter()
+    train_output = trainer.train()
+    train_runtime = time.perf_counter() - started
+    trainer.save_model(str(output_dir / "model"))  # the best checkpoint, restored by load_best_model_at_end
+    processor.save_pretrained(str(output_dir / "model"))
+
+    test = trainer.predict(features["test"], metric_key_prefix="test")
+    references, hypotheses = decode_predictions(processor.tokenizer, test.predictions, test.label_ids)
+    write_predictions(output_dir / "predictions_test.jsonl", features["test"]["id"], references, hypotheses)
+
+    metrics = {
+        **best_eval(trainer.state.log_history),
+        **{k: v for k, v in test.metrics.items() if k.startswith("test_") and "per_second" not in k},
+        "train_loss": train_output.training_loss,
+        "train_runtime": train_runtime,
+        "train_steps": trainer.state.global_step,
+        "train_epochs": trainer.state.epoch,
+        "train_utterances": len(features["train"]),
+        "train_audio_seconds": float(sum(features["train"]["duration"])),
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("test_")}, step=trainer.state.global_step)
+    tracker.log_metrics({f"best_{k}": v for k, v in metrics.items() if k.startswith("eval_")}, step=trainer.state.global_step)
+    for name in ("metrics.json", "predictions_test.jsonl", "model/vocab.json"):
+        tracker.log_artifact(output_dir / name)
+    log.info("eval WER %.4f (best, step %s) | test WER %.4f, CER %.4f | %s",
+             metrics.get("eval_wer", float("nan")), metrics.get("best_step"), metrics["test_wer"], metrics["test_cer"], output_dir)
+    return metrics

@@ -1,0 +1,43 @@
+"""Shared fixtures: offline Hub, a throw-away MLflow store, one small synthetic corpus per session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Set before transformers/datasets/mlflow are imported anywhere: a test must never reach the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="asr-tests-"))
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'mlflow.db'}"
+os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import asr  # noqa: E402,F401  (registers ${repo_dir:})
+from asr.paths import REPO_DIR  # noqa: E402
+
+CONF_DIR = REPO_DIR / "conf"
+SESSION_DIR = _SESSION_DIR
+SMALL_CORPUS = [
+    f"dataset.cache_dir={SESSION_DIR / 'corpus'}",
+    f"paths.cache_dir={SESSION_DIR / 'cache'}",
+    "dataset.sizes.train=400",
+    "dataset.sizes.dev=40",
+    "dataset.sizes.test=40",
+]
+
+
+def compose_cfg(*overrides: str) -> DictConfig:
+    """The config train.py would run with these command-line overrides."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return SESSION_DIR

@@ -1,0 +1,104 @@
+"""End to end: a short real run learns, writes the run outputs and records an MLflow run."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+import soundfile as sf
+from mlflow.tracking import MlflowClient
+from transformers import pipeline
+
+from asr import training
+from asr.tracking import tracking_uri
+from conftest import SMALL_CORPUS, compose_cfg
+
+LEARNING_RUN = [
+    *SMALL_CORPUS,
+    "trainer.max_steps=300",
+    "trainer.eval_steps=50",
+    "trainer.logging_steps=25",
+    "+trainer.extra.eval_on_start=true",  # an eval at step 0: the untrained CER
+    "tracking.experiment=test-learning",
+]
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("run")
+    cfg = compose_cfg(*LEARNING_RUN)
+    metrics = training.run(cfg, output_dir, overrides=LEARNING_RUN[-4:])
+    return cfg, output_dir, metrics
+
+
+def _mlflow_run(experiment: str):
+    client = MlflowClient(tracking_uri(compose_cfg().tracking))
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], order_by=["start_time DESC"])
+    return client, runs[0]
+
+
+def test_cer_falls_from_chance_to_below_half(learned):
+    cfg, output_dir, metrics = learned
+    client, run = _mlflow_run("test-learning")
+    cer_curve = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "eval_cer"), key=lambda m: m.step)]
+    assert len(cer_curve) == 7  # step 0 + every 50 steps up to 300
+    assert cer_curve[0] > 0.9
+    assert cer_curve[-1] < 0.5
+    assert metrics["eval_cer"] < 0.5 and metrics["test_cer"] < 0.5
+    assert metrics["eval_wer"] == min(m.value for m in client.get_metric_history(run.info.run_id, "eval_wer"))
+
+
+def test_run_outputs(learned):
+    cfg, output_dir, metrics = learned
+    on_disk = json.loads((output_dir / "metrics.json").read_text())
+    assert on_disk == pytest.approx(metrics)
+    for key in ("eval_wer", "eval_cer", "test_wer", "test_cer", "train_runtime", "train_steps", "train_audio_seconds"):
+        assert key in on_disk
+    assert on_disk["train_steps"] == 300
+    assert 400 * 1.0 < on_disk["train_audio_seconds"] < 400 * 6.0
+    predictions = [json.loads(line) for line in (output_dir / "predictions_test.jsonl").read_text().splitlines()]
+    assert len(predictions) == 40 and {"id", "reference", "hypothesis"} <= set(predictions[0])
+    assert sum(p["hypothesis"] == "" for p in predictions) < 10
+
+
+def test_saved_model_works_in_a_transformers_pipeline(learned):
+    cfg, output_dir, metrics = learned
+    asr_pipeline = pipeline("automatic-speech-recognition", model=str(output_dir / "model"))
+    predictions = [json.loads(line) for line in (output_dir / "predictions_test.jsonl").read_text().splitlines()]
+    from asr.data import load_splits
+
+    test_rows = load_splits(cfg.dataset)["test"]
+    audio, rate = sf.read(test_rows[0]["audio_path"], dtype="float32")
+    text = asr_pipeline({"raw": audio, "sampling_rate": rate})["text"]
+    assert text == predictions[0]["hypothesis"]
+
+
+def test_mlflow_run_holds_config_curves_and_artifacts(learned):
+    cfg, output_dir, metrics = learned
+    client, run = _mlflow_run("test-learning")
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == " ".join(LEARNING_RUN[-4:])  # named after the command-line overrides
+    assert run.data.params["trainer.lr"] == str(cfg.trainer.lr)
+    assert run.data.params["model.config.hidden_size"] == "96"
+    assert "per_device_train_batch_size" not in run.data.params  # HF's 170 params are not logged
+    for tag in ("git_sha", "dataset_fingerprint", "model", "dataset"):
+        assert run.data.tags[tag]
+    assert run.data.metrics["test_wer"] == pytest.approx(metrics["test_wer"])
+    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 10
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "metrics.json", "predictions_test.jsonl", "vocab.json"} <= artifacts
+
+
+def test_a_crashing_run_is_marked_failed(tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("loss is NaN at step 3")
+
+    monkeypatch.setattr(training, "_train_and_test", crash)
+    cfg = compose_cfg(*SMALL_CORPUS, "debug=fast", "tracking.experiment=test-failure")
+    with pytest.raises(RuntimeError, match="NaN"):
+        training.run(cfg, tmp_path)
+    _, run = _mlflow_run("test-failure")
+    assert run.info.status == "FAILED"
+    assert "loss is NaN" in run.data.tags["error"]
+    mlflow.end_run()

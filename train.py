@@ -1,0 +1,23 @@
+"""Train one configuration and return its eval WER (so any Hydra sweeper can minimise it).
+
+    python train.py                            # built-in synthetic Nepali corpus, tiny model, CPU
+    python train.py -m trainer.epochs=8,20,40  # a grid, one job per value
+"""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+import asr  # noqa: F401  (registers the ${repo_dir:} resolver used in conf/)
+from asr.training import run
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
+    metrics = run(cfg, hydra_cfg.runtime.output_dir, overrides=hydra_cfg.overrides.task)
+    return metrics[cfg.optimized_metric]
+
+
+if __name__ == "__main__":
+    main()
