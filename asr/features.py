@@ -29,7 +29,7 @@ UNK, PAD, WORD_DELIMITER = "[UNK]", "[PAD]", "|"
 FEATURE_CACHE_VERSION = 1  # bump when extract_features changes what it stores
 
 
-def normalize_splits(splits: DatasetDict, text_cfg: DictConfig, num_proc: int) -> DatasetDict:
+def normalize_splits(splits: DatasetDict, text_cfg: DictConfig) -> DatasetDict:
     """Normalise transcripts everywhere; drop utterances left empty (nothing to learn or score)."""
     options = OmegaConf.to_container(text_cfg, resolve=True)
     splits = splits.map(lambda row: {"text": normalize_text(row["text"], **options)}, desc="Normalising text")

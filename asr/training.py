@@ -105,7 +105,7 @@ def write_predictions(path: Path, ids: list[str], references: list[str], hypothe
 
 def prepare(cfg: DictConfig, output_dir: Path) -> tuple[DatasetDict, DatasetDict, Wav2Vec2BertProcessor]:
     """Rows → normalised text → train-only vocab → processor (saved to model/) → cached features."""
-    splits = normalize_splits(load_splits(cfg.dataset), cfg.dataset.text, cfg.dataset.num_proc)
+    splits = normalize_splits(load_splits(cfg.dataset), cfg.dataset.text)
     vocab = build_vocab(splits["train"]["text"])
     processor = build_processor(vocab, load_feature_extractor(cfg.model), output_dir / "model")
     features = extract_features(splits, processor, cfg.dataset, Path(cfg.paths.cache_dir) / "features")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from transformers import Wav2Vec2BertConfig, Wav2Vec2BertForCTC
@@ -34,7 +35,9 @@ def test_fixed_model_never_drops_the_adapter_in_training():
     assert model.config.layerdrop == 0.5  # encoder layerdrop is kept
 
 
-def test_upstream_model_still_drops_the_adapter():
-    """Canary: if this fails, transformers fixed the bug and asr.model.disable_adapter_layerdrop can go."""
-    matches = _logit_lengths_match(_tiny(layerdrop=0.5), steps=200)
-    assert 40 < matches.count(False) < 160  # ~half of the steps skip the stride-2 adapter
+def test_upstream_model_drops_the_adapter_as_often_as_layerdrop_says():
+    """Documents the bug the fix is for; skips (telling us to drop the fix) once transformers fixes it."""
+    mismatches = _logit_lengths_match(_tiny(layerdrop=0.5), steps=200).count(False)
+    if mismatches == 0:
+        pytest.skip("transformers no longer drops the adapter: asr.model.disable_adapter_layerdrop can go")
+    assert 60 < mismatches < 140  # ~half of the steps skip the stride-2 adapter

