@@ -8,7 +8,7 @@ PORT   ?= 5000
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train test test-all ui clean
+.PHONY: help setup train test test-all ui compare clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ test-all: setup  ## run every test, slow ones included
 
 ui: setup  ## serve the MLflow UI for ./mlflow.db on http://127.0.0.1:$(PORT)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(PORT)
+
+compare: setup  ## print the latest sweep's jobs sorted by WER (SWEEP=<sweep id> for another one)
+	$(BIN)/python -m asr.compare $(or $(SWEEP),latest)
 
 clean:  ## delete run outputs and caches (keeps .venv, mlflow.db and the generated corpus)
 	rm -rf outputs multirun data/cache

@@ -11,9 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 from omegaconf import DictConfig, OmegaConf
@@ -27,9 +30,9 @@ PARAM_VALUE_LIMIT = 500  # MLflow accepts 6000 characters; long lists are unread
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
 
 
-def tracking_uri(cfg: DictConfig) -> str:
+def tracking_uri(uri: str | None = None) -> str:
     """tracking.uri, else $MLFLOW_TRACKING_URI, else an SQLite store at the repository root."""
-    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_DIR / 'mlflow.db'}"
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_DIR / 'mlflow.db'}"
 
 
 def flatten(cfg: DictConfig) -> dict[str, str]:
@@ -59,31 +62,79 @@ def git_state() -> dict[str, str]:
         return {"git_sha": "unknown", "git_dirty": "unknown"}
 
 
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking server cannot be reached; raised before any training starts."""
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a server that is down: MLflow's own client would retry for minutes, then lose the run."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except OSError as err:
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {uri} is not reachable ({err}). Fix: start it (README: 'Tracking server'), "
+            "correct MLFLOW_TRACKING_URI / tracking.uri, or train without tracking: tracking.enabled=false"
+        ) from err
+
+
+def connect(tracking_cfg: DictConfig) -> tuple[MlflowClient, str]:
+    """Client and experiment id for tracking_cfg (the experiment is created on first use)."""
+    uri = tracking_uri(tracking_cfg.uri)
+    check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(tracking_cfg.experiment)
+    if experiment is not None:
+        return client, experiment.experiment_id
+    # Keep artifacts next to the default store, not in whatever cwd the job ran from.
+    location = (REPO_DIR / "mlruns").as_uri() if uri.startswith("sqlite:///") and not tracking_cfg.uri else None
+    try:
+        return client, client.create_experiment(tracking_cfg.experiment, artifact_location=location)
+    except MlflowException:  # a parallel job created it first
+        return client, client.get_experiment_by_name(tracking_cfg.experiment).experiment_id
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """Set by the multirun callback (asr.multirun) in each job's process: makes the run a child."""
+
+    parent_run_id: str
+    job_num: int
+    swept: dict[str, str]  # swept key → this job's value, e.g. {"trainer.epochs": "8"}
+
+
+_sweep_job: SweepJob | None = None
+
+
+def set_sweep_job(job: SweepJob | None) -> None:
+    global _sweep_job
+    _sweep_job = job
+
+
 class MlflowRun:
     """A run in the configured store; every method is a no-op when tracking is disabled."""
 
     def __init__(self, tracking_cfg: DictConfig, run_name: str, tags: dict[str, str]) -> None:
         self.client: MlflowClient | None = None
         self.run_id: str | None = None
+        self.sweep = _sweep_job
         if not tracking_cfg.enabled:
             return
-        uri = tracking_uri(tracking_cfg)
-        self.client = MlflowClient(tracking_uri=uri)
-        experiment = self.client.get_experiment_by_name(tracking_cfg.experiment)
-        if experiment is None:
-            # Keep artifacts next to the default store, not in whatever cwd the job ran from.
-            location = (REPO_DIR / "mlruns").as_uri() if uri.startswith("sqlite:///") and not tracking_cfg.uri else None
-            experiment_id = self.client.create_experiment(tracking_cfg.experiment, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
-        run = self.client.create_run(experiment_id, run_name=run_name, tags={**git_state(), **tags, "mlflow.source.name": "train.py"})
-        self.run_id = run.info.run_id
-        log.info("MLflow run %s (%s) in %s, experiment %r", run_name, self.run_id, uri, tracking_cfg.experiment)
+        self.client, experiment_id = connect(tracking_cfg)
+        tags = {**git_state(), **tags, "mlflow.source.name": "train.py"}
+        if self.sweep:
+            tags.update({"mlflow.parentRunId": self.sweep.parent_run_id, "sweep_id": self.sweep.parent_run_id,
+                         "sweep_role": "job", "job_num": str(self.sweep.job_num)})
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        log.info("MLflow run %s (%s) in %s, experiment %r", run_name, self.run_id, self.client.tracking_uri, tracking_cfg.experiment)
 
     def log_config(self, cfg: DictConfig) -> None:
         if not self.client:
             return
         params = [Param(key, value) for key, value in flatten(cfg).items()]
+        if self.sweep:  # the swept keys again, grouped, so the compare view leads with what differs
+            params += [Param(f"swept.{key}", value) for key, value in self.sweep.swept.items()]
         for start in range(0, len(params), PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=params[start : start + PARAMS_PER_BATCH])
         self.client.log_text(self.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
@@ -112,11 +163,21 @@ class MlflowRun:
 
 
 class MlflowMetricsCallback(TrainerCallback):
-    """Train loss, learning rate, eval WER/CER... at the Trainer's global step: the curves in the UI."""
+    """Train loss, learning rate, eval WER/CER... at the Trainer's global step: the curves in the UI.
+
+    Also `best_eval_wer`, the running minimum, so a sweep summary built with `search_runs` (which
+    sees each metric's last value) shows the best WER of runs that failed or stopped early too.
+    """
 
     def __init__(self, run: MlflowRun) -> None:
         self.run = run
+        self.best_eval_wer = float("inf")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            self.run.log_metrics(logs, step=state.global_step)
+        if not (state.is_world_process_zero and logs):
+            return
+        logs = dict(logs)
+        if "eval_wer" in logs:
+            self.best_eval_wer = min(self.best_eval_wer, logs["eval_wer"])
+            logs["best_eval_wer"] = self.best_eval_wer
+        self.run.log_metrics(logs, step=state.global_step)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,28 +116,44 @@ def prepare(cfg: DictConfig, output_dir: Path) -> tuple[DatasetDict, DatasetDict
     return splits, features, processor
 
 
+@contextmanager
+def _sigterm_exits():
+    """SIGTERM (SLURM's scancel, a time limit) ends the job via SystemExit: its run is closed KILLED."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, float]:
-    """Train and test one configuration; returns metrics.json's content (eval_wer is what sweeps minimise)."""
+    """Train and test one configuration; returns metrics.json's content (eval_wer is what sweeps minimise).
+
+    The MLflow run opens first, so a job that fails on its data is recorded as FAILED too.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    set_seed(cfg.seed)
-    splits, features, processor = prepare(cfg, output_dir)
-    model = build_model(cfg.model, cfg.regularization, processor.tokenizer)
-    features["train"] = drop_ctc_infeasible(features["train"], model)
-
-    tags = {"dataset": cfg.dataset.name, "dataset_fingerprint": fingerprint(splits), "model": cfg.model.name,
-            "overrides": " ".join(overrides)}
-    tracker = MlflowRun(cfg.tracking, cfg.tracking.run_name or (" ".join(overrides) or "defaults"), tags)
-    try:
-        tracker.log_config(cfg)
-        metrics = _train_and_test(cfg, output_dir, model, features, processor, tracker)
-    except KeyboardInterrupt:
-        tracker.end("KILLED")
-        raise
-    except BaseException as err:
-        tracker.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
-        tracker.end("FAILED")
-        raise
+    run_name = cfg.tracking.run_name or (" ".join(overrides) or "defaults")
+    tracker = MlflowRun(cfg.tracking, run_name, {"dataset": cfg.dataset.name, "model": cfg.model.name, "overrides": " ".join(overrides)})
+    with _sigterm_exits():
+        try:
+            tracker.log_config(cfg)
+            set_seed(cfg.seed)
+            splits, features, processor = prepare(cfg, output_dir)
+            tracker.set_tag("dataset_fingerprint", fingerprint(splits))
+            model = build_model(cfg.model, cfg.regularization, processor.tokenizer)
+            features["train"] = drop_ctc_infeasible(features["train"], model)
+            metrics = _train_and_test(cfg, output_dir, model, features, processor, tracker)
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM from SLURM's scancel / a timeout
+            tracker.end("KILLED")
+            raise
+        except Exception as err:
+            tracker.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
+            tracker.end("FAILED")
+            raise
     tracker.end("FINISHED")
     return metrics
 
@@ -172,7 +192,7 @@ def _train_and_test(cfg, output_dir: Path, model, features: DatasetDict, process
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("test_")}, step=trainer.state.global_step)
-    tracker.log_metrics({f"best_{k}": v for k, v in metrics.items() if k.startswith("eval_")}, step=trainer.state.global_step)
+    tracker.log_metrics({f"best_{k}": v for k, v in metrics.items() if k in ("eval_cer", "eval_loss")}, step=trainer.state.global_step)
     for name in ("metrics.json", "predictions_test.jsonl", "model/vocab.json"):
         tracker.log_artifact(output_dir / name)
     log.info("eval WER %.4f (best, step %s) | test WER %.4f, CER %.4f | %s",

@@ -32,10 +32,10 @@ SMALL_CORPUS = [
 ]
 
 
-def compose_cfg(*overrides: str) -> DictConfig:
-    """The config train.py would run with these command-line overrides."""
+def compose_cfg(*overrides: str, with_hydra: bool = False) -> DictConfig:
+    """The config train.py would run with these command-line overrides (+ the `hydra` node if asked)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=with_hydra)
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,22 @@ def test_every_yaml_setting_has_a_comment():
                 assert "#" in line, f"conf/{path.relative_to(CONF_DIR)}:{lineno} has no comment: {line.strip()}"
 
 
+@pytest.mark.parametrize(("launcher", "target"), [("slurm", "SlurmLauncher"), ("local_parallel", "LocalLauncher")])
+def test_launchers_compose_over_submitit(launcher, target):
+    cfg = compose_cfg(f"hydra/launcher={launcher}", with_hydra=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    assert cfg.hydra.callbacks.mlflow_multirun._target_ == "asr.multirun.MlflowMultirunCallback"
+
+
+def test_seed_grid_preset_sweeps_the_seed_epochs():
+    cfg = compose_cfg("experiment=seed_8_20_40", with_hydra=True)
+    assert cfg.hydra.sweeper.params["trainer.epochs"] == "8,20,40"
+    assert cfg.model.name_or_path == "facebook/w2v-bert-2.0"
+    assert (cfg.trainer.batch_size, cfg.trainer.grad_accum) == (4, 2)
+    exp1 = compose_cfg("experiment=seed_exp1")
+    assert (exp1.trainer.lr, exp1.trainer.epochs) == (1e-5, 7)
+
+
 def test_unknown_option_error_lists_the_choices():
     with pytest.raises(ConfigCompositionException) as err:
         compose_cfg("model=w2v_bert_3")

@@ -33,7 +33,7 @@ def learned(tmp_path_factory):
 
 
 def _mlflow_run(experiment: str):
-    client = MlflowClient(tracking_uri(compose_cfg().tracking))
+    client = MlflowClient(tracking_uri())
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], order_by=["start_time DESC"])
     return client, runs[0]
 

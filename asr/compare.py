@@ -1,0 +1,108 @@
+"""Compare the jobs of a sweep: a table sorted by WER, in the terminal or as the parent run's artifacts.
+
+    python -m asr.compare               # the latest sweep
+    python -m asr.compare <sweep_id>    # a given sweep (the parent run's id)
+    make compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from asr.tracking import tracking_uri
+
+COLUMNS = ["best_eval_wer", "test_wer", "test_cer", "runtime_min", "status"]
+
+
+def find_sweep(client: MlflowClient, sweep_id: str) -> Run:
+    """The parent run of a sweep; `latest` = the most recently started one in any experiment."""
+    if sweep_id != "latest":
+        return client.get_run(sweep_id)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    parents = client.search_runs(experiments, "tags.sweep_role = 'parent'", order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        raise SystemExit(f"no sweep found in {client.tracking_uri}; run one with `python train.py -m ...`")
+    return parents[0]
+
+
+def summary_table(client: MlflowClient, parent: Run) -> pd.DataFrame:
+    """One row per job: swept values, best eval WER, test WER/CER, runtime, status (+ error), run id."""
+    mlflow.set_tracking_uri(client.tracking_uri)
+    runs = mlflow.search_runs(
+        experiment_ids=[parent.info.experiment_id],
+        filter_string=f"tags.sweep_id = '{parent.info.run_id}' AND tags.sweep_role = 'job'",
+        output_format="pandas",
+    )
+    if runs.empty:
+        return pd.DataFrame(columns=["job", *COLUMNS, "run_id"])
+    table = pd.DataFrame({"job": runs["tags.job_num"].astype(int)})
+    for column in sorted(c for c in runs.columns if c.startswith("params.swept.")):
+        table[column.removeprefix("params.swept.")] = runs[column]
+    for metric in ("best_eval_wer", "test_wer", "test_cer"):
+        table[metric] = runs.get(f"metrics.{metric}", pd.Series(float("nan"), index=runs.index))
+    ended = runs["end_time"].fillna(pd.Timestamp.now(tz="UTC"))
+    table["runtime_min"] = ((ended - runs["start_time"]).dt.total_seconds() / 60).round(1)
+    table["status"] = runs["status"]
+    table["error"] = runs.get("tags.error", pd.Series("", index=runs.index)).fillna("")
+    table["run_id"] = runs["run_id"]
+    return table.sort_values(["best_eval_wer", "job"], na_position="last").reset_index(drop=True)
+
+
+def swept_keys(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if c not in ("job", *COLUMNS, "error", "run_id")]
+
+
+def plot_sweep(client: MlflowClient, table: pd.DataFrame, path: Path) -> Path:
+    """Eval WER curves of every job over training steps, and each job's final test WER."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = swept_keys(table)
+    label = lambda row: ", ".join(f"{k}={row[k]}" for k in keys) or f"job {row['job']}"  # noqa: E731
+    figure, (curves, finals) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for _, row in table.sort_values("job").iterrows():
+        history = sorted(client.get_metric_history(row["run_id"], "eval_wer"), key=lambda m: m.step)
+        curves.plot([m.step for m in history], [m.value for m in history], marker="o", markersize=3, label=label(row))
+    curves.set(xlabel="optimizer step", ylabel="eval WER", title="Eval WER during training")
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=8)
+    ordered = table.sort_values("job")
+    finals.bar([label(row) for _, row in ordered.iterrows()], ordered["test_wer"].fillna(0.0),
+               color=["tab:red" if s != "FINISHED" else "tab:blue" for s in ordered["status"]])
+    finals.set(ylabel="test WER", title="Final test WER per job (red: not finished)")
+    finals.tick_params(axis="x", labelrotation=30, labelsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_name(table: pd.DataFrame) -> str:
+    return f"wer_vs_{'_'.join(swept_keys(table)) or 'job'}.png"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Print a sweep's jobs sorted by best eval WER.")
+    parser.add_argument("sweep", nargs="?", default="latest", help="sweep id (the parent run id) or 'latest'")
+    parser.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or the repo's mlflow.db)")
+    args = parser.parse_args(argv)
+    client = MlflowClient(tracking_uri(args.uri))
+    parent = find_sweep(client, args.sweep)
+    table = summary_table(client, parent)
+    print(f"Sweep {parent.info.run_id}: {parent.info.run_name} [{parent.info.status}]")
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 60):
+        print(table.drop(columns=["error"] if not table["error"].astype(bool).any() else []).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
