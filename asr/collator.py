@@ -1,4 +1,4 @@
-"""Batches for CTC: features padded per batch (with attention mask), labels padded with -100."""
+"""Batches for CTC: features padded per batch (with attention mask), labels (if any) padded with -100."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ class CTCCollator:
         batch = self.processor.feature_extractor.pad(
             [{"input_features": row["input_features"]} for row in rows], padding=True, return_tensors="pt"
         )
-        labels = self.processor.tokenizer.pad([{"input_ids": row["labels"]} for row in rows], padding=True, return_tensors="pt")
-        batch["labels"] = labels["input_ids"].masked_fill(labels["attention_mask"].ne(1), -100)
+        if "labels" in rows[0]:  # absent at inference
+            labels = self.processor.tokenizer.pad([{"input_ids": row["labels"]} for row in rows], padding=True, return_tensors="pt")
+            batch["labels"] = labels["input_ids"].masked_fill(labels["attention_mask"].ne(1), -100)
         return batch

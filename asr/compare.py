@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
@@ -32,26 +32,29 @@ def find_sweep(client: MlflowClient, sweep_id: str) -> Run:
     return parents[0]
 
 
+def sweep_jobs(client: MlflowClient, parent: Run) -> list[Run]:
+    """Every job run of a sweep, through MLflow's search (all pages)."""
+    query = f"tags.sweep_id = '{parent.info.run_id}' AND tags.sweep_role = 'job'"
+    runs, token = [], None
+    while True:
+        page = client.search_runs([parent.info.experiment_id], query, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def summary_table(client: MlflowClient, parent: Run) -> pd.DataFrame:
     """One row per job: swept values, best eval WER, test WER/CER, runtime, status (+ error), run id."""
-    mlflow.set_tracking_uri(client.tracking_uri)
-    runs = mlflow.search_runs(
-        experiment_ids=[parent.info.experiment_id],
-        filter_string=f"tags.sweep_id = '{parent.info.run_id}' AND tags.sweep_role = 'job'",
-        output_format="pandas",
-    )
-    if runs.empty:
-        return pd.DataFrame(columns=["job", *COLUMNS, "run_id"])
-    table = pd.DataFrame({"job": runs["tags.job_num"].astype(int)})
-    for column in sorted(c for c in runs.columns if c.startswith("params.swept.")):
-        table[column.removeprefix("params.swept.")] = runs[column]
-    for metric in ("best_eval_wer", "test_wer", "test_cer"):
-        table[metric] = runs.get(f"metrics.{metric}", pd.Series(float("nan"), index=runs.index))
-    ended = runs["end_time"].fillna(pd.Timestamp.now(tz="UTC"))
-    table["runtime_min"] = ((ended - runs["start_time"]).dt.total_seconds() / 60).round(1)
-    table["status"] = runs["status"]
-    table["error"] = runs.get("tags.error", pd.Series("", index=runs.index)).fillna("")
-    table["run_id"] = runs["run_id"]
+    rows = []
+    for run in sweep_jobs(client, parent):
+        swept = {k.removeprefix("swept."): v for k, v in run.data.params.items() if k.startswith("swept.")}
+        ended = run.info.end_time or int(time.time() * 1000)
+        rows.append({"job": int(run.data.tags["job_num"]), **dict(sorted(swept.items())),
+                     **{m: run.data.metrics.get(m, float("nan")) for m in ("best_eval_wer", "test_wer", "test_cer")},
+                     "runtime_min": round((ended - run.info.start_time) / 60000, 1), "status": run.info.status,
+                     "error": run.data.tags.get("error", ""), "run_id": run.info.run_id})
+    table = pd.DataFrame(rows, columns=None if rows else ["job", *COLUMNS, "error", "run_id"])
     return table.sort_values(["best_eval_wer", "job"], na_position="last").reset_index(drop=True)
 
 

@@ -81,10 +81,11 @@ def _featurize(row: dict, processor: Wav2Vec2BertProcessor, sample_rate: int) ->
             "input_length": len(features), "duration": len(audio) / sample_rate, "audio_error": ""}
 
 
-def extract_features(splits: DatasetDict, processor: Wav2Vec2BertProcessor, cfg: DictConfig, cache_dir: Path) -> DatasetDict:
+def extract_features(splits: DatasetDict, processor: Wav2Vec2BertProcessor, cfg: DictConfig, cache_dir: Path,
+                     only: tuple[str, ...] = SPLITS) -> DatasetDict:
     """`datasets.map` with a content-keyed cache file per split; unreadable audio is one clear error."""
     out = DatasetDict()
-    for split in SPLITS:
+    for split in only:
         key = _cache_key(split_fingerprint(splits[split]), processor, cfg.sample_rate)
         cache_file = cache_dir / f"features-{split}-{key}.arrow"
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +99,7 @@ def extract_features(splits: DatasetDict, processor: Wav2Vec2BertProcessor, cfg:
 
 
 def _raise_on_unreadable_audio(features: DatasetDict) -> None:
-    errors = [msg for split in SPLITS for msg in features[split]["audio_error"] if msg]
+    errors = [msg for split in features for msg in features[split]["audio_error"] if msg]
     if errors:
         shown = "\n  ".join(errors[:20])
         raise DataError(

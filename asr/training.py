@@ -8,18 +8,19 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from datasets import Dataset, DatasetDict
 from omegaconf import DictConfig, OmegaConf
-from transformers import Trainer, TrainingArguments, Wav2Vec2BertForCTC, Wav2Vec2BertProcessor, set_seed
+from transformers import TrainingArguments, Wav2Vec2BertForCTC, Wav2Vec2BertProcessor, set_seed
 
 from asr.collator import CTCCollator
 from asr.data import DataError, fingerprint, load_splits
 from asr.features import build_processor, build_vocab, extract_features, normalize_splits
+from asr.inference import CTCTrainer
 from asr.metrics import argmax_logits, decode_predictions, make_compute_metrics
 from asr.model import build_model, load_feature_extractor
 from asr.tracking import MlflowMetricsCallback, MlflowRun
@@ -101,10 +102,11 @@ def best_eval(log_history: list[dict]) -> dict[str, float]:
     return {"eval_wer": best["eval_wer"], "eval_cer": best["eval_cer"], "eval_loss": best["eval_loss"], "best_step": best["step"]}
 
 
-def write_predictions(path: Path, ids: list[str], references: list[str], hypotheses: list[str]) -> None:
+def write_predictions(path: Path, split: Dataset, references: list[str], hypotheses: list[str]) -> None:
+    """One JSON line per utterance: what `asr.evaluate compare=...` pairs up by id."""
     with path.open("w", encoding="utf-8") as out:
-        for utt_id, ref, hyp in zip(ids, references, hypotheses):
-            out.write(json.dumps({"id": utt_id, "reference": ref, "hypothesis": hyp}, ensure_ascii=False) + "\n")
+        for utt_id, speaker, ref, hyp in zip(split["id"], split["speaker"], references, hypotheses):
+            out.write(json.dumps({"id": utt_id, "speaker": speaker, "reference": ref, "hypothesis": hyp}, ensure_ascii=False) + "\n")
 
 
 def prepare(cfg: DictConfig, output_dir: Path) -> tuple[DatasetDict, DatasetDict, Wav2Vec2BertProcessor]:
@@ -138,6 +140,9 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] = ()) 
     output_dir.mkdir(parents=True, exist_ok=True)
     run_name = cfg.tracking.run_name or (" ".join(overrides) or "defaults")
     tracker = MlflowRun(cfg.tracking, run_name, {"dataset": cfg.dataset.name, "model": cfg.model.name, "overrides": " ".join(overrides)})
+    if tracker.run_id:  # lets `asr.evaluate run_dir=...` file its results next to this run
+        (output_dir / "mlflow_run.json").write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.client.tracking_uri}))
+        tracker.set_tag("output_dir", str(output_dir.resolve()))
     with _sigterm_exits():
         try:
             tracker.log_config(cfg)
@@ -159,7 +164,7 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] = ()) 
 
 
 def _train_and_test(cfg, output_dir: Path, model, features: DatasetDict, processor, tracker: MlflowRun) -> dict[str, float]:
-    trainer = Trainer(
+    trainer = CTCTrainer(
         model=model,
         args=build_training_args(cfg.trainer, output_dir),
         data_collator=CTCCollator(processor),
@@ -178,7 +183,7 @@ def _train_and_test(cfg, output_dir: Path, model, features: DatasetDict, process
 
     test = trainer.predict(features["test"], metric_key_prefix="test")
     references, hypotheses = decode_predictions(processor.tokenizer, test.predictions, test.label_ids)
-    write_predictions(output_dir / "predictions_test.jsonl", features["test"]["id"], references, hypotheses)
+    write_predictions(output_dir / "predictions_test.jsonl", features["test"], references, hypotheses)
 
     metrics = {
         **best_eval(trainer.state.log_history),

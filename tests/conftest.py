@@ -16,7 +16,7 @@ os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
 
 import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import asr  # noqa: E402,F401  (registers ${repo_dir:})
 from asr.paths import REPO_DIR  # noqa: E402
@@ -32,12 +32,35 @@ SMALL_CORPUS = [
 ]
 
 
-def compose_cfg(*overrides: str, with_hydra: bool = False) -> DictConfig:
-    """The config train.py would run with these command-line overrides (+ the `hydra` node if asked)."""
+def compose_cfg(*overrides: str, with_hydra: bool = False, config_name: str = "train") -> DictConfig:
+    """The config train.py (or asr.evaluate) would run with these overrides (+ the `hydra` node if asked)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides), return_hydra_config=with_hydra)
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_hydra)
 
 
 @pytest.fixture(scope="session")
 def session_dir() -> Path:
     return SESSION_DIR
+
+
+LEARNING_RUN = [
+    *SMALL_CORPUS,
+    "trainer.max_steps=300",
+    "trainer.eval_steps=50",
+    "trainer.logging_steps=25",
+    "+trainer.extra.eval_on_start=true",  # an eval at step 0: the untrained CER
+    "tracking.experiment=test-learning",
+]
+
+
+@pytest.fixture(scope="session")
+def learned(tmp_path_factory):
+    """One real 300-step training run on the small corpus, shared by the tests that need a model."""
+    from asr import training
+
+    output_dir = tmp_path_factory.mktemp("run")
+    cfg = compose_cfg(*LEARNING_RUN)
+    (output_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, output_dir / ".hydra" / "config.yaml")  # as train.py's Hydra run would
+    metrics = training.run(cfg, output_dir, overrides=LEARNING_RUN[-4:])
+    return cfg, output_dir, metrics

@@ -12,24 +12,8 @@ from transformers import pipeline
 
 from asr import training
 from asr.tracking import tracking_uri
-from conftest import SMALL_CORPUS, compose_cfg
+from conftest import LEARNING_RUN, SMALL_CORPUS, compose_cfg
 
-LEARNING_RUN = [
-    *SMALL_CORPUS,
-    "trainer.max_steps=300",
-    "trainer.eval_steps=50",
-    "trainer.logging_steps=25",
-    "+trainer.extra.eval_on_start=true",  # an eval at step 0: the untrained CER
-    "tracking.experiment=test-learning",
-]
-
-
-@pytest.fixture(scope="module")
-def learned(tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("run")
-    cfg = compose_cfg(*LEARNING_RUN)
-    metrics = training.run(cfg, output_dir, overrides=LEARNING_RUN[-4:])
-    return cfg, output_dir, metrics
 
 
 def _mlflow_run(experiment: str):
@@ -38,9 +22,14 @@ def _mlflow_run(experiment: str):
     return client, runs[0]
 
 
+def _training_run(output_dir):
+    client = MlflowClient(tracking_uri())
+    return client, client.get_run(json.loads((output_dir / "mlflow_run.json").read_text())["run_id"])
+
+
 def test_cer_falls_from_chance_to_below_half(learned):
     cfg, output_dir, metrics = learned
-    client, run = _mlflow_run("test-learning")
+    client, run = _training_run(output_dir)
     cer_curve = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "eval_cer"), key=lambda m: m.step)]
     assert len(cer_curve) == 7  # step 0 + every 50 steps up to 300
     assert cer_curve[0] > 0.9
@@ -58,7 +47,7 @@ def test_run_outputs(learned):
     assert on_disk["train_steps"] == 300
     assert 400 * 1.0 < on_disk["train_audio_seconds"] < 400 * 6.0
     predictions = [json.loads(line) for line in (output_dir / "predictions_test.jsonl").read_text().splitlines()]
-    assert len(predictions) == 40 and {"id", "reference", "hypothesis"} <= set(predictions[0])
+    assert len(predictions) == 40 and {"id", "speaker", "reference", "hypothesis"} <= set(predictions[0])
     assert sum(p["hypothesis"] == "" for p in predictions) < 10
 
 
@@ -76,12 +65,13 @@ def test_saved_model_works_in_a_transformers_pipeline(learned):
 
 def test_mlflow_run_holds_config_curves_and_artifacts(learned):
     cfg, output_dir, metrics = learned
-    client, run = _mlflow_run("test-learning")
+    client, run = _training_run(output_dir)
     assert run.info.status == "FINISHED"
     assert run.info.run_name == " ".join(LEARNING_RUN[-4:])  # named after the command-line overrides
     assert run.data.params["trainer.lr"] == str(cfg.trainer.lr)
     assert run.data.params["model.config.hidden_size"] == "96"
     assert "per_device_train_batch_size" not in run.data.params  # HF's 170 params are not logged
+    assert run.data.tags["output_dir"] == str(output_dir.resolve())
     for tag in ("git_sha", "dataset_fingerprint", "model", "dataset"):
         assert run.data.tags[tag]
     assert run.data.metrics["test_wer"] == pytest.approx(metrics["test_wer"])

@@ -7,8 +7,7 @@ changed setting makes a new corpus and an unchanged one is never regenerated.
 
 eSpeak NG carries synthesis state from one utterance to the next, so byte-identical output
 needs the same sequence from a fresh library: fixed chunks of utterances, each spoken in a
-new process (forked from a parent that never initialised eSpeak) with a seeded noise
-generator. That also spreads the work over the CPU cores.
+new process with a seeded noise generator. That also spreads the work over the CPU cores.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import json
 import logging
 import multiprocessing
 import os
+import queue
 import shutil
 from pathlib import Path
 
@@ -101,6 +101,49 @@ def speak_chunk(job: tuple[str, list[Utterance], int, int]) -> list[tuple[str, d
     return lines
 
 
+def _chunk_process(index: int, job: tuple, results) -> None:
+    """One chunk's process: sends back its manifest lines or its error, so the parent never waits in vain."""
+    try:
+        results.put((index, speak_chunk(job), None))
+    except BaseException as err:  # noqa: BLE001
+        results.put((index, None, f"{type(err).__name__}: {err}"))
+
+
+def _fresh_process_context():
+    """forkserver: chunks fork from a single-threaded server that imported the caller once (forking
+    the threaded training process itself can deadlock, spawning re-imports torch per chunk)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __name__])
+    return context
+
+
+def speak_in_fresh_processes(jobs: list[tuple], workers: int, bar) -> list[list[tuple[str, dict]]]:
+    """Run speak_chunk on every job, each in a new process, at most `workers` at a time; results in job order."""
+    context = _fresh_process_context()
+    results = context.Queue()
+    pending, running, done = list(enumerate(jobs)), {}, {}
+    while pending or running:
+        while pending and len(running) < workers:
+            index, job = pending.pop(0)
+            running[index] = context.Process(target=_chunk_process, args=(index, job, results), daemon=True)
+            running[index].start()
+        try:
+            index, lines, error = results.get(timeout=5)
+        except queue.Empty:  # nothing for 5 s: make sure no worker died without a word (OOM killer, signal)
+            dead = {i: p.exitcode for i, p in running.items() if not p.is_alive()}
+            if dead:
+                raise RuntimeError(f"corpus generation: the process speaking chunk(s) {sorted(dead)} died (exit codes {dead})")
+            continue
+        running.pop(index).join()
+        if error:
+            raise RuntimeError(f"corpus generation failed in chunk {index}: {error}")
+        done[index] = lines
+        bar.update(len(lines))
+    return [done[i] for i in range(len(jobs))]
+
+
 def generate(cfg: DictConfig) -> Path:
     """Make (or find) the corpus folder: manifests `<split>.jsonl` + `audio/<split>/*.flac`."""
     words = read_words(cfg.word_list)
@@ -115,16 +158,9 @@ def generate(cfg: DictConfig) -> Path:
     for split in SPLITS:
         (partial / "audio" / split).mkdir(parents=True)
     jobs = [(str(partial), utterances[i : i + CHUNK], cfg.sample_rate, cfg.seed + i) for i in range(0, len(utterances), CHUNK)]
-    lines: list[tuple[str, dict]] = []
-    # fork: no re-import of the caller's modules (spawn would import torch again per chunk);
-    # one chunk per process: every chunk starts from a fresh eSpeak.
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with context.Pool(cfg.num_proc, maxtasksperchild=1) as pool, \
-            tqdm(total=len(utterances), desc=f"Speaking synthetic Nepali corpus into {folder}", unit="utt") as bar:
-        for chunk_lines in pool.imap(speak_chunk, jobs):
-            lines.extend(chunk_lines)
-            bar.update(len(chunk_lines))
-    _write_manifests(partial, lines)
+    with tqdm(total=len(utterances), desc=f"Speaking synthetic Nepali corpus into {folder}", unit="utt") as bar:
+        chunks = speak_in_fresh_processes(jobs, cfg.num_proc, bar)
+    _write_manifests(partial, [line for chunk in chunks for line in chunk])
     recipe = {"engine": engine, "words": len(words), "config": OmegaConf.to_container(cfg, resolve=True)}
     (partial / "corpus.json").write_text(json.dumps(recipe, indent=2, ensure_ascii=False), encoding="utf-8")
     if folder.exists():  # another process finished the same corpus first: keep theirs

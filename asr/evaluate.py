@@ -1,0 +1,168 @@
+"""Score a trained model, or compare two scored runs, with intervals that say how sure we are.
+
+    python -m asr.evaluate run_dir=outputs/<date>/<time> [split=dev]
+    python -m asr.evaluate 'compare=[<folder A>,<folder B>]'
+(see conf/evaluate.yaml). Results go to a new folder and to a new MLflow run tagged
+`evaluates_run_id=<training run>`, so the training run stays exactly as it was logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+import asr  # noqa: F401  (registers ${repo_dir:})
+from asr.data import load_splits
+from asr.features import extract_features, normalize_splits
+from asr.inference import load_model, transcribe_features
+from asr.metrics import error_rates
+from asr.scoring import (bootstrap_rates, char_confusions, confidence_interval, paired_difference, per_speaker,
+                         utterance_counts, verdict)
+from asr.tracking import MlflowRun, tracking_uri
+
+log = logging.getLogger(__name__)
+
+
+def resolve_source(cfg: DictConfig) -> tuple[Path, DictConfig, str | None]:
+    """Model folder, dataset config and training run id from run_dir | mlflow_run | model_dir."""
+    train_run_id, run_dir = None, None
+    if cfg.mlflow_run:
+        run = MlflowClient(tracking_uri(cfg.tracking.uri)).get_run(cfg.mlflow_run)
+        run_dir, train_run_id = Path(run.data.tags["output_dir"]), cfg.mlflow_run
+    elif cfg.run_dir:
+        run_dir = Path(cfg.run_dir)
+    if run_dir is not None:
+        train_cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        record = run_dir / "mlflow_run.json"
+        train_run_id = train_run_id or (json.loads(record.read_text())["run_id"] if record.is_file() else None)
+        return run_dir / "model", cfg.get("dataset") or train_cfg.dataset, train_run_id
+    if cfg.model_dir and cfg.get("dataset"):
+        return Path(cfg.model_dir), cfg.dataset, None
+    raise ValueError("nothing to evaluate. Fix: run_dir=<training run folder>, mlflow_run=<run id>, "
+                     "or model_dir=<model folder> dataset=<name> (see conf/evaluate.yaml)")
+
+
+def bootstrap_groups(speakers: list[str], unit: str) -> tuple[str, list[str] | None]:
+    if unit == "speaker" or (unit == "auto" and all(speakers) and len(set(speakers)) > 1):
+        return "speaker", speakers
+    return "utterance", None
+
+
+def build_report(ids: list[str], speakers: list[str], refs: list[str], hyps: list[str], cfg: DictConfig) -> dict:
+    counts = utterance_counts(refs, hyps)
+    unit, groups = bootstrap_groups(speakers, cfg.bootstrap.unit)
+    boot = {"unit": unit, "resamples": cfg.bootstrap.resamples, "seed": cfg.bootstrap.seed}
+    for name, errors, lengths in (("wer", "word_errors", "words"), ("cer", "char_errors", "chars")):
+        samples = bootstrap_rates(counts[errors], counts[lengths], groups, cfg.bootstrap.resamples, cfg.bootstrap.seed)
+        boot[f"{name}_ci95"] = confidence_interval(samples)
+    rates = error_rates(refs, hyps)
+    utterance_wer = counts["word_errors"] / np.maximum(counts["words"], 1)
+    worst = np.argsort(-utterance_wer, kind="stable")[: cfg.report.worst]
+    return {
+        "utterances": len(refs), "words": int(counts["words"].sum()),
+        **rates, "hits": int(counts["words"].sum() - rates["substitutions"] - rates["deletions"]),
+        "bootstrap": boot,
+        "per_speaker": per_speaker(speakers, counts) if all(speakers) else [],
+        "worst": [{"id": ids[i], "wer": float(utterance_wer[i]), "reference": refs[i], "hypothesis": hyps[i]} for i in worst],
+        "confusions": char_confusions(refs, hyps, cfg.report.confusions),
+    }
+
+
+def report_markdown(report: dict, title: str) -> str:
+    b = report["bootstrap"]
+    lines = [f"# {title}", "", f"{report['utterances']} utterances, {report['words']} words.", "",
+             "| metric | value | 95% CI |", "|---|---|---|",
+             f"| WER | {report['wer']:.4f} | [{b['wer_ci95'][0]:.4f}, {b['wer_ci95'][1]:.4f}] |",
+             f"| CER | {report['cer']:.4f} | [{b['cer_ci95'][0]:.4f}, {b['cer_ci95'][1]:.4f}] |", "",
+             f"Words: {report['hits']} hits, {report['substitutions']} substitutions, {report['deletions']} deletions, "
+             f"{report['insertions']} insertions. Intervals: {b['resamples']} bootstrap resamples of {b['unit']}s (seed {b['seed']}).", ""]
+    if report["per_speaker"]:
+        lines += ["## WER per speaker (worst first)", "", "| speaker | utterances | words | WER |", "|---|---|---|---|"]
+        lines += [f"| {r['speaker']} | {r['utterances']} | {r['words']} | {r['wer']:.4f} |" for r in report["per_speaker"]] + [""]
+    lines += ["## Worst utterances", "", "| id | WER | reference | hypothesis |", "|---|---|---|---|"]
+    lines += [f"| {r['id']} | {r['wer']:.2f} | {r['reference']} | {r['hypothesis']} |" for r in report["worst"]] + [""]
+    lines += ["## Most frequent character confusions (∅ = nothing)", "", "| reference | hypothesis | count |", "|---|---|---|"]
+    lines += [f"| {r['reference']} | {r['hypothesis']} | {r['count']} |" for r in report["confusions"]]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(cfg: DictConfig, output_dir: Path) -> dict:
+    model_dir, dataset_cfg, train_run_id = resolve_source(cfg)
+    splits = normalize_splits(load_splits(dataset_cfg), dataset_cfg.text)
+    model, processor = load_model(model_dir)
+    split = extract_features(splits, processor, dataset_cfg, Path(cfg.paths.cache_dir) / "features", only=(cfg.split,))[cfg.split]
+    hyps = transcribe_features(model, processor, split, cfg.batch_size, desc=f"Transcribing {cfg.split}")
+    # References as training scored them: the labels decoded (characters outside the train vocabulary → [UNK]).
+    refs = processor.tokenizer.batch_decode(split["labels"], group_tokens=False)
+    report = build_report(split["id"], split["speaker"], refs, hyps, cfg)
+    report["source"] = {"model_dir": str(model_dir), "split": cfg.split, "dataset": dataset_cfg.name, "training_run": train_run_id}
+    _write(output_dir, cfg.split, report, split, refs, hyps)
+
+    tracker = MlflowRun(cfg.tracking, f"evaluate {cfg.split}: {model_dir}", {"evaluates_run_id": train_run_id or "", "split": cfg.split})
+    tracker.log_metrics({f"{cfg.split}_{k}": report[k] for k in ("wer", "cer", "substitutions", "deletions", "insertions")}, step=0)
+    tracker.log_metrics({f"{cfg.split}_wer_ci95_low": report["bootstrap"]["wer_ci95"][0], f"{cfg.split}_wer_ci95_high": report["bootstrap"]["wer_ci95"][1]}, step=0)
+    for name in ("report.json", "report.md", f"predictions_{cfg.split}.jsonl"):
+        tracker.log_artifact(output_dir / name)
+    tracker.end("FINISHED")
+    b = report["bootstrap"]
+    log.info("%s WER %.4f [%.4f, %.4f], CER %.4f → %s", cfg.split, report["wer"], *b["wer_ci95"], report["cer"], output_dir / "report.md")
+    return report
+
+
+def _write(output_dir: Path, split_name: str, report: dict, split, refs: list[str], hyps: list[str]) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    (output_dir / "report.md").write_text(report_markdown(report, f"{report['source']['dataset']} / {split_name}"), encoding="utf-8")
+    with (output_dir / f"predictions_{split_name}.jsonl").open("w", encoding="utf-8") as out:
+        for utt_id, speaker, ref, hyp in zip(split["id"], split["speaker"], refs, hyps):
+            out.write(json.dumps({"id": utt_id, "speaker": speaker, "reference": ref, "hypothesis": hyp}, ensure_ascii=False) + "\n")
+
+
+def read_predictions(folder: Path, split: str) -> dict[str, dict]:
+    path = folder / f"predictions_{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist. Fix: evaluate that run first (python -m asr.evaluate run_dir={folder})")
+    return {row["id"]: row for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+
+
+def compare(cfg: DictConfig, output_dir: Path) -> dict:
+    """Paired bootstrap on the utterances both runs transcribed: is B better than A?"""
+    if len(cfg.compare) != 2:
+        raise ValueError("compare takes two folders: compare=[<folder A>,<folder B>]")
+    folder_a, folder_b = (Path(p) for p in cfg.compare)
+    a, b = read_predictions(folder_a, cfg.split), read_predictions(folder_b, cfg.split)
+    if set(a) != set(b) or any(a[i]["reference"] != b[i]["reference"] for i in a):
+        raise ValueError(f"{folder_a} and {folder_b} did not transcribe the same utterances with the same references; "
+                         "a paired comparison needs both evaluated on one split of one dataset")
+    ids = sorted(a)
+    refs = [a[i]["reference"] for i in ids]
+    counts_a, counts_b = utterance_counts(refs, [a[i]["hypothesis"] for i in ids]), utterance_counts(refs, [b[i]["hypothesis"] for i in ids])
+    unit, groups = bootstrap_groups([a[i].get("speaker", "") for i in ids], cfg.bootstrap.unit)
+    result = {"a": str(folder_a), "b": str(folder_b), "split": cfg.split, "utterances": len(ids), "unit": unit,
+              "resamples": cfg.bootstrap.resamples, "seed": cfg.bootstrap.seed}
+    for name, errors, lengths in (("wer", "word_errors", "words"), ("cer", "char_errors", "chars")):
+        diff = paired_difference(counts_a[errors], counts_b[errors], counts_a[lengths], groups, cfg.bootstrap.resamples, cfg.bootstrap.seed)
+        result[name] = {**diff, "verdict": verdict(diff, name.upper())}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "compare.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print(f"A = {folder_a}\nB = {folder_b}\n{result['wer']['verdict']}\n{result['cer']['verdict']}")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> float:
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.compare:
+        return compare(cfg, output_dir)["wer"]["difference"]
+    return evaluate(cfg, output_dir)["wer"]
+
+
+if __name__ == "__main__":
+    main()
