@@ -15,7 +15,8 @@ from asr.model import build_model, load_feature_extractor
 from asr.training import build_training_args, resolve_precision
 from conftest import CONF_DIR, compose_cfg
 
-REQUIRED = {"dataset=manifest": ["dataset.train=/data/train.jsonl"]}
+REQUIRED = {"dataset=manifest": ["dataset.train=/data/train.jsonl"], "dataset=openslr54": ["dataset.root=/data/openslr54"],
+            "dataset=hf_hub": ["dataset.path=parquet"]}
 GROUPS = ["dataset", "model", "regularization", "trainer", "tracking", "experiment", "debug"]
 OPTIONS = [f"{group}={path.stem}" for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
 

@@ -28,9 +28,10 @@ class DataError(ValueError):
 
 
 def _loaders() -> dict[str, Callable[[DictConfig], dict[str, Rows]]]:
-    from asr.data import manifest, synthetic_ne
+    from asr.data import hf_hub, manifest, openslr54, synthetic_ne
 
-    return {"manifest": manifest.load_rows, "synthetic_ne": synthetic_ne.load_rows}
+    return {"hf_hub": hf_hub.load_rows, "manifest": manifest.load_rows, "openslr54": openslr54.load_rows,
+            "synthetic_ne": synthetic_ne.load_rows}
 
 
 def load_splits(cfg: DictConfig) -> DatasetDict:
@@ -55,9 +56,11 @@ def load_splits(cfg: DictConfig) -> DatasetDict:
 
 def split_fingerprint(split: Dataset) -> str:
     """Hash of a split's rows and of its audio files' size and mtime: a replaced file changes it."""
+    from asr.data.audio import source_file
+
     digest = hashlib.sha256()
     for row in split.select_columns(["id", "audio_path", "text", "speaker"]):
-        stat = Path(row["audio_path"]).stat()
+        stat = source_file(row["audio_path"]).stat()
         digest.update(json.dumps([row, stat.st_size, stat.st_mtime_ns], sort_keys=True, ensure_ascii=False).encode())
     return digest.hexdigest()[:16]
 

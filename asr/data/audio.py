@@ -6,11 +6,17 @@ soundfile (libsndfile: FLAC, WAV, OGG, ...) and resample with soxr.
 
 from __future__ import annotations
 
+import io
+import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import soxr
+
+ZIP_MEMBER = "::"  # "<archive.zip>::<member>": audio read in place from a downloaded archive
+_open_archives: dict[tuple[int, str], zipfile.ZipFile] = {}  # per process: forked workers must not share file offsets
 
 
 class AudioDecodeError(RuntimeError):
@@ -26,11 +32,30 @@ def mono_resampled(audio: np.ndarray, sample_rate: int, target_rate: int) -> np.
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
+def zip_member_path(archive: str | Path, member: str) -> str:
+    return f"{Path(archive).resolve()}{ZIP_MEMBER}{member}"
+
+
+def source_file(path: str | Path) -> Path:
+    """The file on disk that holds the audio (the archive, for a zip member)."""
+    return Path(str(path).split(ZIP_MEMBER, 1)[0])
+
+
+def _read_source(path: str):
+    if ZIP_MEMBER not in path:
+        return path
+    archive, member = path.split(ZIP_MEMBER, 1)
+    key = (os.getpid(), archive)
+    if key not in _open_archives:
+        _open_archives[key] = zipfile.ZipFile(archive)
+    return io.BytesIO(_open_archives[key].read(member))
+
+
 def load_audio(path: str | Path, target_rate: int) -> np.ndarray:
-    """Read any libsndfile format; a corrupt or missing file raises AudioDecodeError naming it."""
+    """Read any libsndfile format (also from inside a zip); a corrupt or missing file raises AudioDecodeError naming it."""
     try:
-        audio, sample_rate = sf.read(str(path), dtype="float32", always_2d=False)
-    except (sf.LibsndfileError, RuntimeError, OSError) as err:
+        audio, sample_rate = sf.read(_read_source(str(path)), dtype="float32", always_2d=False)
+    except (sf.LibsndfileError, RuntimeError, OSError, KeyError, zipfile.BadZipFile) as err:
         raise AudioDecodeError(f"{path}: {err}") from err
     if audio.size == 0:
         raise AudioDecodeError(f"{path}: the file holds no audio samples")
