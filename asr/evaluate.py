@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 import asr  # noqa: F401  (registers ${repo_dir:})
+from asr.audit import run_audit
 from asr.data import load_splits
 from asr.features import extract_features, normalize_splits
 from asr.inference import load_model, transcribe_features
@@ -30,8 +31,8 @@ from asr.tracking import MlflowRun, tracking_uri
 log = logging.getLogger(__name__)
 
 
-def resolve_source(cfg: DictConfig) -> tuple[Path, DictConfig, str | None]:
-    """Model folder, dataset config and training run id from run_dir | mlflow_run | model_dir."""
+def resolve_source(cfg: DictConfig) -> tuple[Path, DictConfig, DictConfig, str | None]:
+    """Model folder, dataset and audit configs and training run id from run_dir | mlflow_run | model_dir."""
     train_run_id, run_dir = None, None
     if cfg.mlflow_run:
         run = MlflowClient(tracking_uri(cfg.tracking.uri)).get_run(cfg.mlflow_run)
@@ -42,9 +43,9 @@ def resolve_source(cfg: DictConfig) -> tuple[Path, DictConfig, str | None]:
         train_cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
         record = run_dir / "mlflow_run.json"
         train_run_id = train_run_id or (json.loads(record.read_text())["run_id"] if record.is_file() else None)
-        return run_dir / "model", cfg.get("dataset") or train_cfg.dataset, train_run_id
+        return run_dir / "model", cfg.get("dataset") or train_cfg.dataset, train_cfg.get("audit") or cfg.audit, train_run_id
     if cfg.model_dir and cfg.get("dataset"):
-        return Path(cfg.model_dir), cfg.dataset, None
+        return Path(cfg.model_dir), cfg.dataset, cfg.audit, None
     raise ValueError("nothing to evaluate. Fix: run_dir=<training run folder>, mlflow_run=<run id>, "
                      "or model_dir=<model folder> dataset=<name> (see conf/evaluate.yaml)")
 
@@ -94,10 +95,11 @@ def report_markdown(report: dict, title: str) -> str:
 
 
 def evaluate(cfg: DictConfig, output_dir: Path) -> dict:
-    model_dir, dataset_cfg, train_run_id = resolve_source(cfg)
+    model_dir, dataset_cfg, audit_cfg, train_run_id = resolve_source(cfg)
     splits = normalize_splits(load_splits(dataset_cfg), dataset_cfg.text)
     model, processor = load_model(model_dir)
-    split = extract_features(splits, processor, dataset_cfg, Path(cfg.paths.cache_dir) / "features", only=(cfg.split,))[cfg.split]
+    features = extract_features(splits, processor, dataset_cfg, Path(cfg.paths.cache_dir) / "features", only=(cfg.split,))
+    split = run_audit(features, audit_cfg, model.config, output_dir / "data_audit.json")[0][cfg.split]  # as training scored it
     hyps = transcribe_features(model, processor, split, cfg.batch_size, desc=f"Transcribing {cfg.split}")
     # References as training scored them: the labels decoded (characters outside the train vocabulary → [UNK]).
     refs = processor.tokenizer.batch_decode(split["labels"], group_tokens=False)

@@ -19,27 +19,20 @@ from datasets import DatasetDict
 from omegaconf import DictConfig, OmegaConf
 from transformers import SeamlessM4TFeatureExtractor, Wav2Vec2BertProcessor, Wav2Vec2CTCTokenizer
 
-from asr.data import SPLITS, DataError, split_fingerprint
-from asr.data.audio import AudioDecodeError, load_audio
+from asr.data import SPLITS, split_fingerprint
+from asr.data.audio import AudioDecodeError, load_audio, source_file
 from asr.data.text import normalize_text
 
 log = logging.getLogger(__name__)
 
 UNK, PAD, WORD_DELIMITER = "[UNK]", "[PAD]", "|"
-FEATURE_CACHE_VERSION = 1  # bump when extract_features changes what it stores
+FEATURE_CACHE_VERSION = 2  # bump when extract_features changes what it stores
 
 
 def normalize_splits(splits: DatasetDict, text_cfg: DictConfig) -> DatasetDict:
-    """Normalise transcripts everywhere; drop utterances left empty (nothing to learn or score)."""
+    """Normalise transcripts everywhere (the audit quarantines those left empty)."""
     options = OmegaConf.to_container(text_cfg, resolve=True)
-    splits = splits.map(lambda row: {"text": normalize_text(row["text"], **options)}, desc="Normalising text")
-    for split in SPLITS:
-        empty = splits[split].filter(lambda row: not row["text"])
-        if len(empty):
-            log.warning("Dropping %d %s utterances whose transcript is empty after normalisation, e.g. %s",
-                        len(empty), split, empty[:3]["id"])
-            splits[split] = splits[split].filter(lambda row: bool(row["text"]))
-    return splits
+    return splits.map(lambda row: {"text": normalize_text(row["text"], **options)}, desc="Normalising text")
 
 
 def build_vocab(train_texts: list[str]) -> dict[str, int]:
@@ -70,20 +63,25 @@ def _cache_key(split_fingerprint: str, processor: Wav2Vec2BertProcessor, sample_
 
 
 def _featurize(row: dict, processor: Wav2Vec2BertProcessor, sample_rate: int) -> dict:
-    """One utterance; a decode failure is recorded, not raised, so all bad files are reported at once."""
+    """One utterance: features + labels, and what the audit needs (errors are recorded, not raised)."""
+    frame_dims = processor.feature_extractor.feature_size * processor.feature_extractor.stride
+    bad = {"input_features": np.zeros((0, frame_dims), np.float32), "labels": [], "input_length": 0, "duration": 0.0, "rms_db": -np.inf}
+    if not source_file(row["audio_path"]).exists():
+        return {**bad, "audio_error": f"missing_file: {row['audio_path']} does not exist"}
     try:
         audio = load_audio(row["audio_path"], sample_rate)
     except AudioDecodeError as err:
-        return {"input_features": np.zeros((0, processor.feature_extractor.feature_size * processor.feature_extractor.stride), np.float32),
-                "labels": [], "input_length": 0, "duration": 0.0, "audio_error": str(err)}
+        return {**bad, "audio_error": f"unreadable: {err}"}
+    if not np.isfinite(audio).all():
+        return {**bad, "duration": len(audio) / sample_rate, "audio_error": "non_finite: NaN or infinite samples"}
     features = processor.feature_extractor(audio, sampling_rate=sample_rate).input_features[0]
-    return {"input_features": features, "labels": processor.tokenizer(row["text"]).input_ids,
-            "input_length": len(features), "duration": len(audio) / sample_rate, "audio_error": ""}
+    return {"input_features": features, "labels": processor.tokenizer(row["text"]).input_ids, "input_length": len(features),
+            "duration": len(audio) / sample_rate, "rms_db": float(20 * np.log10(np.sqrt(np.mean(audio**2)) + 1e-10)), "audio_error": ""}
 
 
 def extract_features(splits: DatasetDict, processor: Wav2Vec2BertProcessor, cfg: DictConfig, cache_dir: Path,
                      only: tuple[str, ...] = SPLITS) -> DatasetDict:
-    """`datasets.map` with a content-keyed cache file per split; unreadable audio is one clear error."""
+    """`datasets.map` with a content-keyed cache file per split; bad audio is left for asr.audit to quarantine."""
     out = DatasetDict()
     for split in only:
         key = _cache_key(split_fingerprint(splits[split]), processor, cfg.sample_rate)
@@ -94,16 +92,4 @@ def extract_features(splits: DatasetDict, processor: Wav2Vec2BertProcessor, cfg:
             num_proc=cfg.num_proc if len(splits[split]) >= 4 * cfg.num_proc else None,
             cache_file_name=str(cache_file), new_fingerprint=key, desc=f"Extracting {split} features",
         )
-    _raise_on_unreadable_audio(out)
-    return out.remove_columns("audio_error")
-
-
-def _raise_on_unreadable_audio(features: DatasetDict) -> None:
-    errors = [msg for split in features for msg in features[split]["audio_error"] if msg]
-    if errors:
-        shown = "\n  ".join(errors[:20])
-        raise DataError(
-            f"{len(errors)} audio files could not be decoded:\n  {shown}\n"
-            "Fix: re-encode these files, or remove their lines from the manifest, then rerun; "
-            "the corpus and the features cached for earlier runs are kept."
-        )
+    return out

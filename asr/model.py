@@ -24,6 +24,16 @@ def load_feature_extractor(model_cfg: DictConfig) -> SeamlessM4TFeatureExtractor
     return SeamlessM4TFeatureExtractor(**OmegaConf.to_container(model_cfg.feature_extractor, resolve=True))
 
 
+def shape_config(model_cfg: DictConfig) -> Wav2Vec2BertConfig:
+    """The architecture alone (no weights): what the audit needs to count CTC output frames."""
+    if model_cfg.name_or_path:
+        config = Wav2Vec2BertConfig.from_pretrained(model_cfg.name_or_path)
+    else:
+        config = Wav2Vec2BertConfig(**OmegaConf.to_container(model_cfg.config, resolve=True))
+    config.add_adapter = model_cfg.add_adapter
+    return config
+
+
 def _config_overrides(model_cfg: DictConfig, reg_cfg: DictConfig, tokenizer: Wav2Vec2CTCTokenizer) -> dict:
     overrides = {
         **OmegaConf.to_container(reg_cfg, resolve=True),

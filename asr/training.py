@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from datasets import Dataset, DatasetDict
 from omegaconf import DictConfig, OmegaConf
-from transformers import TrainingArguments, Wav2Vec2BertForCTC, Wav2Vec2BertProcessor, set_seed
+from transformers import TrainingArguments, Wav2Vec2BertProcessor, set_seed
 
+from asr.audit import run_audit
 from asr.collator import CTCCollator
-from asr.data import DataError, fingerprint, load_splits
+from asr.data import fingerprint, load_splits
 from asr.features import build_processor, build_vocab, extract_features, normalize_splits
 from asr.inference import CTCTrainer
 from asr.metrics import argmax_logits, decode_predictions, make_compute_metrics
@@ -75,22 +76,6 @@ def build_training_args(cfg: DictConfig, output_dir: Path) -> TrainingArguments:
         **resolve_precision(cfg.precision),
         **OmegaConf.to_container(cfg.extra, resolve=True),
     )
-
-
-def drop_ctc_infeasible(train: Dataset, model: Wav2Vec2BertForCTC) -> Dataset:
-    """CTC needs one output frame per label (two between repeated letters); others only add noise."""
-    def feasible(input_length: int, labels: list[int]) -> bool:
-        frames = int(model._get_feat_extract_output_lengths(torch.tensor(input_length)))
-        repeats = sum(a == b for a, b in zip(labels, labels[1:]))
-        return len(labels) + repeats <= frames
-
-    kept = train.filter(feasible, input_columns=["input_length", "labels"], desc="Checking CTC feasibility")
-    if len(kept) < len(train):
-        log.warning("Dropped %d of %d train utterances whose transcript is longer than the model's output "
-                    "frames (audio too short or transcript misaligned)", len(train) - len(kept), len(train))
-    if not len(kept):
-        raise DataError("no train utterance is long enough for its transcript; check that audio and text match")
-    return kept
 
 
 def best_eval(log_history: list[dict]) -> dict[str, float]:
@@ -150,7 +135,9 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] = ()) 
             splits, features, processor = prepare(cfg, output_dir)
             tracker.set_tag("dataset_fingerprint", fingerprint(splits))
             model = build_model(cfg.model, cfg.regularization, processor.tokenizer)
-            features["train"] = drop_ctc_infeasible(features["train"], model)
+            features, audit = run_audit(features, cfg.audit, model.config, output_dir / "data_audit.json")
+            tracker.log_metrics({"audit_quarantined": audit["quarantined"], **{f"audit_{k}": v for k, v in audit["by_reason"].items()}}, step=0)
+            tracker.log_artifact(output_dir / "data_audit.json")
             metrics = _train_and_test(cfg, output_dir, model, features, processor, tracker)
         except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM from SLURM's scancel / a timeout
             tracker.end("KILLED")
