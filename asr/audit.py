@@ -44,6 +44,8 @@ def classify(row: dict, split: str, cfg: DictConfig, model_config: Wav2Vec2BertC
     if row["audio_error"]:
         reason, _, detail = row["audio_error"].partition(": ")
         return reason, detail
+    if row["text_rejected"]:
+        return "text_rejected", row["text_rejected"]
     if not row["text"]:
         return "empty_text", "transcript empty after normalisation"
     if split != "train":
@@ -64,7 +66,7 @@ def classify(row: dict, split: str, cfg: DictConfig, model_config: Wav2Vec2BertC
 
 def run_audit(features: DatasetDict, cfg: DictConfig, model_config: Wav2Vec2BertConfig, report_path: Path) -> tuple[DatasetDict, dict]:
     """Clean splits + the report (also written to report_path); raises past max_bad_fraction."""
-    columns = ["id", "audio_path", "text", "duration", "rms_db", "labels", "input_length", "audio_error"]
+    columns = ["id", "audio_path", "text", "text_rejected", "duration", "rms_db", "labels", "input_length", "audio_error"]
     clean, files, totals = DatasetDict(), [], {}
     for split, rows in features.items():
         keep = []

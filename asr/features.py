@@ -30,16 +30,25 @@ FEATURE_CACHE_VERSION = 2  # bump when extract_features changes what it stores
 
 
 def normalize_splits(splits: DatasetDict, text_cfg: DictConfig) -> DatasetDict:
-    """Normalise transcripts everywhere (the audit quarantines those left empty)."""
-    options = OmegaConf.to_container(text_cfg, resolve=True)
-    return splits.map(lambda row: {"text": normalize_text(row["text"], **options)}, desc="Normalising text")
+    """Normalise transcripts everywhere; `text_rejected` says why a policy rejected one (the audit quarantines it)."""
+    options = {k: v for k, v in OmegaConf.to_container(text_cfg, resolve=True).items() if k != "min_char_count"}
+
+    def normalize(row: dict) -> dict:
+        text, rejected = normalize_text(row["text"], **options)
+        return {"text": text, "text_rejected": rejected}
+
+    return splits.map(normalize, desc="Normalising text")
 
 
-def build_vocab(train_texts: list[str]) -> dict[str, int]:
-    """Characters of the train transcripts, space as `|`, plus [UNK] and [PAD] (the CTC blank)."""
+def build_vocab(train_texts: list[str], min_char_count: int = 1) -> dict[str, int]:
+    """Characters seen >= min_char_count times in train, space as `|`, plus [UNK] and [PAD] (the CTC blank).
+
+    A character rarer than that (a stray symbol, a typo) cannot be learned; as [UNK] it costs one
+    vocabulary slot instead of one each.
+    """
     chars = Counter("".join(train_texts))
     chars.pop(" ", None)
-    vocab = {ch: i for i, ch in enumerate(sorted(chars))}
+    vocab = {ch: i for i, ch in enumerate(sorted(ch for ch, n in chars.items() if n >= min_char_count))}
     for token in (WORD_DELIMITER, UNK, PAD):
         vocab[token] = len(vocab)
     return vocab

@@ -97,7 +97,7 @@ def write_predictions(path: Path, split: Dataset, references: list[str], hypothe
 def prepare(cfg: DictConfig, output_dir: Path) -> tuple[DatasetDict, DatasetDict, Wav2Vec2BertProcessor]:
     """Rows → normalised text → train-only vocab → processor (saved to model/) → cached features."""
     splits = normalize_splits(load_splits(cfg.dataset), cfg.dataset.text)
-    vocab = build_vocab(splits["train"]["text"])
+    vocab = build_vocab(splits["train"]["text"], cfg.dataset.text.min_char_count)
     processor = build_processor(vocab, load_feature_extractor(cfg.model), output_dir / "model")
     features = extract_features(splits, processor, cfg.dataset, Path(cfg.paths.cache_dir) / "features")
     return splits, features, processor

@@ -23,7 +23,7 @@ TINY = ["dataset.sizes.train=30", "dataset.sizes.dev=5", "dataset.sizes.test=5",
 EXPECTED = {  # file → reason (None: must pass the audit)
     "truncated.flac": "unreadable", "thirty_bytes.flac": "unreadable", "random.flac": "unreadable", "empty.flac": "unreadable",
     "nan.wav": "non_finite", "short_long_text.flac": "too_short", "silent.flac": "silent", "no_text.flac": "empty_text",
-    "ctc_long_text.flac": "ctc_infeasible", "stereo44k.wav": None, "latin_dots.flac": None,
+    "ctc_long_text.flac": "ctc_infeasible", "latin.flac": "text_rejected", "stereo44k.wav": None, "dots.flac": None,
 }
 
 
@@ -46,8 +46,9 @@ def bad_corpus(tmp_path_factory):
     sf.write(root / "no_text.flac", speech, 16000)
     stereo = soxr.resample(speech, 16000, 44100)
     sf.write(root / "stereo44k.wav", np.stack([stereo, stereo * 0.5], axis=1), 44100)
-    sf.write(root / "latin_dots.flac", speech, 16000)
-    texts = {"short_long_text.flac": " ".join(rows["train"]["text"][:3]), "ctc_long_text.flac": " ".join(rows["train"]["text"][:3]), "no_text.flac": "।।", "latin_dots.flac": rows["train"][0]["text"] + "..."}
+    sf.write(root / "dots.flac", speech, 16000)
+    sf.write(root / "latin.flac", speech, 16000)
+    texts = {"short_long_text.flac": " ".join(rows["train"]["text"][:3]), "ctc_long_text.flac": " ".join(rows["train"]["text"][:3]), "no_text.flac": "।।", "dots.flac": rows["train"][0]["text"] + "...", "latin.flac": "मेरो laptop"}
     lines = [{"audio_filepath": r["audio_path"], "text": r["text"], "speaker": r["speaker"]} for r in rows["train"]]
     lines += [{"audio_filepath": name, "text": texts.get(name, rows["train"][0]["text"]), "speaker": "bad"} for name in EXPECTED]
     for split, items in (("train", lines), ("dev", list(rows["dev"])), ("test", list(rows["test"]))):
@@ -70,13 +71,13 @@ def test_every_bad_file_gets_its_reason(bad_corpus, tmp_path):
     clean, report = run_audit(features, cfg.audit, shape_config(cfg.model), tmp_path / "data_audit.json")
     reasons = {Path(f["path"]).name: f["reason"] for f in report["files"]}
     assert reasons == {name: reason for name, reason in EXPECTED.items() if reason}
-    assert report["quarantined"] == 9 and report["by_reason"]["unreadable"] == 4
+    assert report["quarantined"] == 10 and report["by_reason"]["unreadable"] == 4
     assert len(clean["train"]) == 30 + 2 and len(clean["dev"]) == 5  # stereo 44.1 kHz is resampled, not rejected
     stereo = clean["train"].filter(lambda row: row["audio_path"].endswith("stereo44k.wav"))[0]
     assert stereo["duration"] == pytest.approx(len(sf.read(bad_corpus / "good_copy.flac")[0]) / 16000, abs=0.01)
-    assert json.loads((tmp_path / "data_audit.json").read_text())["by_split"]["train"] == {"rows": 41, "quarantined": 9}
+    assert json.loads((tmp_path / "data_audit.json").read_text())["by_split"]["train"] == {"rows": 42, "quarantined": 10}
 
-    with pytest.raises(DataError, match="9 of 41 train utterances were quarantined.*max_bad_fraction=0.05"):
+    with pytest.raises(DataError, match="10 of 42 train utterances were quarantined.*max_bad_fraction=0.05"):
         run_audit(features, _manifest(bad_corpus).audit, shape_config(cfg.model), tmp_path / "again.json")
     assert (tmp_path / "again.json").is_file()  # the report is written before stopping
 
@@ -96,4 +97,4 @@ def test_training_on_a_corpus_with_corrupt_files_has_finite_loss(bad_corpus, tmp
     metrics = training.run(cfg, tmp_path)
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_loss"])
     report = json.loads((tmp_path / "data_audit.json").read_text())
-    assert report["quarantined"] == 9 and metrics["train_utterances"] == 32
+    assert report["quarantined"] == 10 and metrics["train_utterances"] == 32
