@@ -20,6 +20,7 @@ from transformers import TrainingArguments, Wav2Vec2BertProcessor, set_seed
 from asr.audit import run_audit
 from asr.collator import CTCCollator
 from asr.data import fingerprint, load_splits
+from asr.data.text import NORMALIZATION_VERSION
 from asr.features import build_processor, build_vocab, extract_features, normalize_splits
 from asr.inference import CTCTrainer
 from asr.metrics import argmax_logits, decode_predictions, make_compute_metrics
@@ -133,7 +134,10 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] = ()) 
             tracker.log_config(cfg)
             set_seed(cfg.seed)
             splits, features, processor = prepare(cfg, output_dir)
-            tracker.set_tag("dataset_fingerprint", fingerprint(splits))
+            settings = {"normalization": NORMALIZATION_VERSION, "text": OmegaConf.to_container(cfg.dataset.text),
+                        "audit": OmegaConf.to_container(cfg.audit)}
+            tracker.set_tag("dataset_fingerprint", fingerprint(splits, settings))
+            tracker.set_tag("split_sizes", " ".join(f"{name}={len(rows)}" for name, rows in splits.items()))
             model = build_model(cfg.model, cfg.regularization, processor.tokenizer)
             features, audit = run_audit(features, cfg.audit, model.config, output_dir / "data_audit.json")
             tracker.log_metrics({"audit_quarantined": audit["quarantined"], **{f"audit_{k}": v for k, v in audit["by_reason"].items()}}, step=0)

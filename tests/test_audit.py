@@ -98,3 +98,21 @@ def test_training_on_a_corpus_with_corrupt_files_has_finite_loss(bad_corpus, tmp
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_loss"])
     report = json.loads((tmp_path / "data_audit.json").read_text())
     assert report["quarantined"] == 10 and metrics["train_utterances"] == 32
+
+
+def test_missing_file_is_quarantined(tmp_path):
+    """Loaders that index audio up front (Hub paths, a deleted file after loading) meet the audit's missing_file."""
+    from datasets import Dataset, DatasetDict
+
+    cfg = compose_cfg(*TINY)
+    rows = load_splits(cfg.dataset)
+    splits = DatasetDict({name: split for name, split in rows.items()})
+    gone = dict(splits["dev"][0], id="gone", audio_path=str(tmp_path / "gone.flac"))
+    splits["dev"] = Dataset.from_list([*splits["dev"], gone])
+    splits = normalize_splits(splits, cfg.dataset.text)
+    processor = build_processor(build_vocab(splits["train"]["text"]), load_feature_extractor(cfg.model), tmp_path / "model")
+    features = extract_features(splits, processor, cfg.dataset, tmp_path / "cache")
+    clean, report = run_audit(features, cfg.audit, shape_config(cfg.model), tmp_path / "audit.json")
+    assert report["files"] == [{"split": "dev", "id": "gone", "path": str(tmp_path / "gone.flac"), "reason": "missing_file",
+                                "detail": f"{tmp_path / 'gone.flac'} does not exist"}]
+    assert len(clean["dev"]) == 5

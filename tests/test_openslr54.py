@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import zipfile
 from pathlib import Path
@@ -92,3 +93,12 @@ def test_missing_root_and_missing_audio_say_what_to_do(openslr_layout, tmp_path)
         load_splits(_cfg(partial).dataset)
     splits = load_splits(_cfg(partial, "dataset.allow_missing_audio=true").dataset)
     assert removed.stem not in {i for split in splits.values() for i in split["id"]}
+
+
+def test_a_published_split_overrides_the_hashed_one(openslr_layout, tmp_path):
+    extracted, _, _ = openslr_layout
+    ids = sorted(p.stem for p in (extracted / "asr_nepali" / "data").glob("*/*.flac"))
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps({"dev": ids[:3], "test": ids[3:7]}))
+    splits = load_splits(_cfg(extracted, f"dataset.split_ids={split_file}").dataset)
+    assert sorted(splits["dev"]["id"]) == ids[:3] and sorted(splits["test"]["id"]) == ids[3:7] and len(splits["train"]) == len(ids) - 7

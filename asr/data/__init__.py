@@ -60,12 +60,15 @@ def split_fingerprint(split: Dataset) -> str:
 
     digest = hashlib.sha256()
     for row in split.select_columns(["id", "audio_path", "text", "speaker"]):
-        stat = source_file(row["audio_path"]).stat()
-        digest.update(json.dumps([row, stat.st_size, stat.st_mtime_ns], sort_keys=True, ensure_ascii=False).encode())
+        source = source_file(row["audio_path"])
+        stat = (source.stat().st_size, source.stat().st_mtime_ns) if source.exists() else None  # missing: the audit says so
+        digest.update(json.dumps([row, stat], sort_keys=True, ensure_ascii=False).encode())
     return digest.hexdigest()[:16]
 
 
-def fingerprint(splits: DatasetDict) -> str:
-    """One hash for the whole dataset: two runs with the same value saw the same data."""
+def fingerprint(splits: DatasetDict, settings: dict | None = None) -> str:
+    """One hash for the whole dataset (rows, files, normalised text, split) and the settings that
+    decide what training sees of it: two runs with the same value saw the same data."""
     parts = [f"{split}:{split_fingerprint(splits[split])}" for split in SPLITS]
+    parts.append(json.dumps(settings or {}, sort_keys=True, default=str))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]

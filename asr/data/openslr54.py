@@ -11,6 +11,7 @@ is in two splits and everyone who uses the same fractions and seed gets the same
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import zipfile
 from pathlib import Path
@@ -77,6 +78,19 @@ def load_rows(cfg: DictConfig) -> dict[str, Rows]:
         if not cfg.allow_missing_audio:
             raise DataError(f"{message}. Fix: download/extract every archive, or set dataset.allow_missing_audio=true")
         log.warning("%s; training on the %d that have", message, len(rows))
+    if cfg.split_ids:
+        return _given_split(rows, Path(cfg.split_ids).expanduser())
     train, test = carve_split(rows, cfg.test_fraction, cfg.split_seed)
     train, dev = carve_split(train, cfg.dev_fraction, cfg.split_seed + 1)
     return {"train": train, "dev": dev, "test": test}
+
+
+def _given_split(rows: Rows, path: Path) -> dict[str, Rows]:
+    """A published split: {"dev": [ids], "test": [ids]} (optionally "train"); unlisted ids go to train."""
+    if not path.is_file():
+        raise DataError(f"dataset.split_ids={path} does not exist. Fix: a JSON file {{\"dev\": [ids...], \"test\": [ids...]}}")
+    given = {split: set(ids) for split, ids in json.loads(path.read_text(encoding="utf-8")).items()}
+    held = given.get("dev", set()) | given.get("test", set())
+    out = {"dev": [r for r in rows if r["id"] in given.get("dev", ())], "test": [r for r in rows if r["id"] in given.get("test", ())]}
+    out["train"] = [r for r in rows if r["id"] not in held and ("train" not in given or r["id"] in given["train"])]
+    return out
