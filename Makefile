@@ -1,6 +1,7 @@
 # Every target installs what it needs into .venv on first use.
 PYTHON ?= python3
 VENV   ?= .venv
+# pip arguments for torch, installed before the rest, e.g. TORCH="torch==2.13.0 --index-url <CUDA wheel index>"
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -19,7 +20,8 @@ setup:  ## create .venv with everything installed (TORCH=... to choose the torch
 	  set -e; \
 	  [ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV); \
 	  $(BIN)/python -m pip install --quiet --upgrade pip; \
-	  $(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[dev]"; \
+	  $(BIN)/python -m pip install --quiet $(TORCH); \
+	  $(BIN)/python -m pip install --quiet -e ".[dev]"; \
 	  echo "$$want" > $(STAMP); \
 	fi
 
