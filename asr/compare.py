@@ -93,6 +93,25 @@ def plot_name(table: pd.DataFrame) -> str:
     return f"wer_vs_{'_'.join(swept_keys(table)) or 'job'}.png"
 
 
+def compare_top_two(client: MlflowClient, table: pd.DataFrame) -> str | None:
+    """Is the best job really better than the runner-up? A paired bootstrap on their test predictions."""
+    finished = table[table["status"] == "FINISHED"].dropna(subset=["best_eval_wer"])
+    if len(finished) < 2:
+        return None
+    best, second = finished.iloc[0], finished.iloc[1]
+    folders = [Path(client.get_run(row["run_id"]).data.tags.get("output_dir", "")) for row in (best, second)]
+    if not all((folder / "predictions_test.jsonl").is_file() for folder in folders):
+        return None  # run folders on another machine
+    from omegaconf import OmegaConf
+
+    from asr.evaluate import paired_comparison
+    from asr.paths import REPO_DIR
+
+    bootstrap = OmegaConf.load(REPO_DIR / "conf" / "evaluate.yaml").bootstrap
+    result = paired_comparison(folders[0], folders[1], "test", bootstrap)
+    return f"A = best job {best['job']}, B = runner-up job {second['job']}, test split: {result['wer']['verdict']}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Print a sweep's jobs sorted by best eval WER.")
     parser.add_argument("sweep", nargs="?", default="latest", help="sweep id (the parent run id) or 'latest'")
@@ -104,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Sweep {parent.info.run_id}: {parent.info.run_name} [{parent.info.status}]")
     with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 60):
         print(table.drop(columns=["error"] if not table["error"].astype(bool).any() else []).to_string(index=False))
+    verdict = compare_top_two(client, table)
+    if verdict:
+        print(verdict)
     return 0
 
 

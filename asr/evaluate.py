@@ -134,24 +134,29 @@ def read_predictions(folder: Path, split: str) -> dict[str, dict]:
     return {row["id"]: row for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
 
 
-def compare(cfg: DictConfig, output_dir: Path) -> dict:
+def paired_comparison(folder_a: Path, folder_b: Path, split: str, bootstrap: DictConfig) -> dict:
     """Paired bootstrap on the utterances both runs transcribed: is B better than A?"""
-    if len(cfg.compare) != 2:
-        raise ValueError("compare takes two folders: compare=[<folder A>,<folder B>]")
-    folder_a, folder_b = (Path(p) for p in cfg.compare)
-    a, b = read_predictions(folder_a, cfg.split), read_predictions(folder_b, cfg.split)
+    a, b = read_predictions(folder_a, split), read_predictions(folder_b, split)
     if set(a) != set(b) or any(a[i]["reference"] != b[i]["reference"] for i in a):
         raise ValueError(f"{folder_a} and {folder_b} did not transcribe the same utterances with the same references; "
                          "a paired comparison needs both evaluated on one split of one dataset")
     ids = sorted(a)
     refs = [a[i]["reference"] for i in ids]
     counts_a, counts_b = utterance_counts(refs, [a[i]["hypothesis"] for i in ids]), utterance_counts(refs, [b[i]["hypothesis"] for i in ids])
-    unit, groups = bootstrap_groups([a[i].get("speaker", "") for i in ids], cfg.bootstrap.unit)
-    result = {"a": str(folder_a), "b": str(folder_b), "split": cfg.split, "utterances": len(ids), "unit": unit,
-              "resamples": cfg.bootstrap.resamples, "seed": cfg.bootstrap.seed}
+    unit, groups = bootstrap_groups([a[i].get("speaker", "") for i in ids], bootstrap.unit)
+    result = {"a": str(folder_a), "b": str(folder_b), "split": split, "utterances": len(ids), "unit": unit,
+              "resamples": bootstrap.resamples, "seed": bootstrap.seed}
     for name, errors, lengths in (("wer", "word_errors", "words"), ("cer", "char_errors", "chars")):
-        diff = paired_difference(counts_a[errors], counts_b[errors], counts_a[lengths], groups, cfg.bootstrap.resamples, cfg.bootstrap.seed)
+        diff = paired_difference(counts_a[errors], counts_b[errors], counts_a[lengths], groups, bootstrap.resamples, bootstrap.seed)
         result[name] = {**diff, "verdict": verdict(diff, name.upper())}
+    return result
+
+
+def compare(cfg: DictConfig, output_dir: Path) -> dict:
+    if len(cfg.compare) != 2:
+        raise ValueError("compare takes two folders: compare=[<folder A>,<folder B>]")
+    folder_a, folder_b = (Path(p) for p in cfg.compare)
+    result = paired_comparison(folder_a, folder_b, cfg.split, cfg.bootstrap)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "compare.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(f"A = {folder_a}\nB = {folder_b}\n{result['wer']['verdict']}\n{result['cer']['verdict']}")

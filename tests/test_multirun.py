@@ -127,6 +127,7 @@ def test_parallel_grid_on_a_tracking_server(mlflow_server, tmp_path, capsys):
     assert compare.main(["--uri", mlflow_server, "latest"]) == 0
     printed = capsys.readouterr().out
     assert parent.info.run_id in printed and printed.count("FINISHED") == 3  # parent + 2 jobs
+    assert "A = best job" in printed and "runner-up job" in printed and "test split: " in printed  # paired bootstrap
 
 
 def test_failed_job_does_not_stop_the_grid(tmp_path):
