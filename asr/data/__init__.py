@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
@@ -18,7 +17,6 @@ if TYPE_CHECKING:  # datasets is imported lazily: corpus-generation workers must
     from datasets import Dataset, DatasetDict
 
 SPLITS = ("train", "dev", "test")
-ROW_KEYS = ("id", "audio_path", "text", "speaker", "duration")
 
 Rows = list[dict]
 

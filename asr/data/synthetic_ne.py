@@ -134,7 +134,7 @@ def speak_in_fresh_processes(jobs: list[tuple], workers: int, bar) -> list[list[
         except queue.Empty:  # nothing for 5 s: make sure no worker died without a word (OOM killer, signal)
             dead = {i: p.exitcode for i, p in running.items() if not p.is_alive()}
             if dead:
-                raise RuntimeError(f"corpus generation: the process speaking chunk(s) {sorted(dead)} died (exit codes {dead})")
+                raise RuntimeError(f"corpus generation: the process speaking chunk(s) {sorted(dead)} died (exit codes {dead})") from None
             continue
         running.pop(index).join()
         if error:
