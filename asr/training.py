@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from datasets import Dataset, DatasetDict
 from omegaconf import DictConfig, OmegaConf
-from transformers import TrainingArguments, Wav2Vec2BertProcessor, set_seed
+from optuna import TrialPruned
+from transformers import TrainerCallback, TrainingArguments, Wav2Vec2BertProcessor, set_seed
 
 from asr.audit import run_audit
 from asr.collator import CTCCollator
@@ -117,10 +118,13 @@ def _sigterm_exits():
         signal.signal(signal.SIGTERM, previous)
 
 
-def run(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, float]:
+def run(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] = (),
+        callbacks: Sequence[TrainerCallback] = (), resume_from_checkpoint: str | None = None) -> dict[str, float]:
     """Train and test one configuration; returns metrics.json's content (eval_wer is what sweeps minimise).
 
     The MLflow run opens first, so a job that fails on its data is recorded as FAILED too.
+    `callbacks` join the Trainer's (a sweep's pruning callback); one raising `optuna.TrialPruned`
+    stops the run, which is closed FINISHED with the tag `trial_state=PRUNED` and keeps its curves.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +146,11 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] = ()) 
             features, audit = run_audit(features, cfg.audit, model.config, output_dir / "data_audit.json")
             tracker.log_metrics({"audit_quarantined": audit["quarantined"], **{f"audit_{k}": v for k, v in audit["by_reason"].items()}}, step=0)
             tracker.log_artifact(output_dir / "data_audit.json")
-            metrics = _train_and_test(cfg, output_dir, model, features, processor, tracker)
+            metrics = _train_and_test(cfg, output_dir, model, features, processor, tracker, callbacks, resume_from_checkpoint)
+        except TrialPruned:
+            tracker.set_tag("trial_state", "PRUNED")
+            tracker.end("FINISHED")
+            raise
         except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM from SLURM's scancel / a timeout
             tracker.end("KILLED")
             raise
@@ -154,7 +162,8 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] = ()) 
     return metrics
 
 
-def _train_and_test(cfg, output_dir: Path, model, features: DatasetDict, processor, tracker: MlflowRun) -> dict[str, float]:
+def _train_and_test(cfg, output_dir: Path, model, features: DatasetDict, processor, tracker: MlflowRun,
+                    callbacks: Sequence[TrainerCallback] = (), resume_from_checkpoint: str | None = None) -> dict[str, float]:
     trainer = CTCTrainer(
         model=model,
         args=build_training_args(cfg.trainer, output_dir),
@@ -164,10 +173,10 @@ def _train_and_test(cfg, output_dir: Path, model, features: DatasetDict, process
         processing_class=processor,
         compute_metrics=make_compute_metrics(processor.tokenizer),
         preprocess_logits_for_metrics=argmax_logits,
-        callbacks=[MlflowMetricsCallback(tracker)],
+        callbacks=[MlflowMetricsCallback(tracker), *callbacks],
     )
     started = time.perf_counter()
-    train_output = trainer.train()
+    train_output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     train_runtime = time.perf_counter() - started
     trainer.save_model(str(output_dir / "model"))  # the best checkpoint, restored by load_best_model_at_end
     processor.save_pretrained(str(output_dir / "model"))
