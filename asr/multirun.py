@@ -72,8 +72,8 @@ class MlflowMultirunCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.sweep_dir = Path(config.hydra.sweep.dir)
         (self.sweep_dir / SWEEP_FILE).unlink(missing_ok=True)  # never link jobs to an older sweep's parent
-        if not config.tracking.enabled:
-            return
+        if not config.tracking.enabled or "asr_optuna_sweeper" in str(config.hydra.sweeper.get("_target_", "")):
+            return  # hydra/sweeper=optuna opens its own parent run per study (asr.sweep.parent_run)
         overrides = sweep_overrides(config)
         if not _first_job_composes(config, overrides):
             return

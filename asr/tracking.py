@@ -12,7 +12,7 @@ import logging
 import os
 import subprocess
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus
@@ -97,11 +97,12 @@ def connect(tracking_cfg: DictConfig) -> tuple[MlflowClient, str]:
 
 @dataclass(frozen=True)
 class SweepJob:
-    """Set by the multirun callback (asr.multirun) in each job's process: makes the run a child."""
+    """Set by the multirun callback (asr.multirun) or a sweep worker (asr.sweep): makes the run a child."""
 
     parent_run_id: str
     job_num: int
     swept: dict[str, str]  # swept key → this job's value, e.g. {"trainer.epochs": "8"}
+    tags: dict[str, str] = field(default_factory=dict)  # e.g. optuna_study / optuna_trial
 
 
 _sweep_job: SweepJob | None = None
@@ -125,7 +126,7 @@ class MlflowRun:
         tags = {**git_state(), **tags, "mlflow.source.name": "train.py"}
         if self.sweep:
             tags.update({"mlflow.parentRunId": self.sweep.parent_run_id, "sweep_id": self.sweep.parent_run_id,
-                         "sweep_role": "job", "job_num": str(self.sweep.job_num)})
+                         "sweep_role": "job", "job_num": str(self.sweep.job_num), **self.sweep.tags})
         self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         log.info("MLflow run %s (%s) in %s, experiment %r", run_name, self.run_id, self.client.tracking_uri, tracking_cfg.experiment)
 

@@ -1,0 +1,139 @@
+"""Start a study's workers (here, as local processes, or as a SLURM job array) and report at the end.
+
+Both doors use this: `sweep.py` and the Hydra sweeper plugin (`train.py -m hydra/sweeper=optuna`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+from asr.sweep.parent_run import close_parent, open_parent
+from asr.sweep.report import summarize
+from asr.sweep.study import SweepSpec, compose_train_config, enqueue_grid, load_study, n_trials_total, work
+
+log = logging.getLogger(__name__)
+
+SPEC_FILE = "sweep_spec.json"
+
+
+def worker_env(index: int, workers: int) -> dict[str, str]:
+    """One GPU per worker where there are GPUs; otherwise the CPU cores shared out between workers."""
+    env = dict(os.environ)
+    import torch
+
+    gpus = torch.cuda.device_count()
+    visible = [g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g] or [str(g) for g in range(gpus)]
+    if visible and gpus:
+        env["CUDA_VISIBLE_DEVICES"] = visible[index % len(visible)]
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        env.setdefault("MKL_NUM_THREADS", str(threads))
+    return env
+
+
+def run_local_workers(spec_path: Path, workers: int) -> None:
+    """N worker processes on this machine; each pulls trials from the shared storage until the study is full."""
+    log_dir = spec_path.parent / "workers"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for index in range(workers):
+        out = open(log_dir / f"worker_{index}.log", "ab")
+        cmd = [sys.executable, "-m", "asr.sweep.worker", str(spec_path), str(index)]
+        procs.append((subprocess.Popen(cmd, env=worker_env(index, workers), stdout=out, stderr=subprocess.STDOUT), out))
+        log.info("worker %d: pid %d, log %s", index, procs[-1][0].pid, log_dir / f"worker_{index}.log")
+    try:
+        codes = [proc.wait() for proc, _ in procs]
+    except BaseException:  # Ctrl-C / SIGTERM of the driver: stop the workers too (their trials end KILLED)
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, _ in procs:
+            proc.wait()
+        raise
+    finally:
+        for _, out in procs:
+            out.close()
+    failed = [f"worker {i} exited {code} (see {log_dir / f'worker_{i}.log'})" for i, code in enumerate(codes) if code]
+    if failed:
+        log.error("; ".join(failed))
+
+
+def submitit_executor(launcher: DictConfig, folder: Path):
+    """A submitit executor from a hydra-submitit-launcher config (hydra/launcher=slurm, submitit_local...)."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    cluster = "slurm" if launcher._target_.endswith("SlurmLauncher") else "local"
+    params = {k: v for k, v in OmegaConf.to_container(launcher, resolve=True).items()
+              if k not in ("_target_", "submitit_folder")}
+    init = {f"{cluster}_max_num_timeout": params.pop("max_num_timeout")} if "max_num_timeout" in params else {}
+    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster, **init)
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"{cluster}_{k}": v for k, v in params.items()})
+    return executor
+
+
+def run_submitit_workers(spec_path: Path, workers: int, launcher: DictConfig) -> None:
+    """The workers as one submitit job array (SLURM, or submitit's local executor)."""
+    from asr.sweep.worker import main as worker_main
+
+    executor = submitit_executor(launcher, spec_path.parent / "submitit")
+    jobs = executor.map_array(worker_main, [str(spec_path)] * workers, list(range(workers)))
+    log.info("submitted %d workers: %s", workers, ", ".join(job.job_id for job in jobs))
+    try:
+        for job in jobs:
+            try:
+                job.result()
+            except Exception as err:  # noqa: BLE001  (one lost worker must not hide the others' results)
+                log.error("worker job %s failed: %s", job.job_id, err)
+    except BaseException:
+        for job in jobs:
+            job.cancel(check=False)
+        raise
+
+
+def run_study(spec: SweepSpec, launcher: DictConfig | None = None, report_only: bool = False) -> optuna.Study:
+    """Create or resume the study, run its workers, then report (also after Ctrl-C or a crash)."""
+    spec.dir.mkdir(parents=True, exist_ok=True)
+    # Compose the base config once up front: a bad override fails here, before any worker starts,
+    # and the pruner's warm-up (counted in evaluations) is converted with the trials' eval_steps.
+    spec.eval_steps = int(compose_train_config([*spec.base_overrides, *spec.space().fixed]).trainer.eval_steps)
+    study = load_study(spec)
+    if report_only:
+        summarize(study, spec)
+        return study
+    if spec.study["sampler"]["name"] == "grid":
+        added = enqueue_grid(study, spec.space())
+        log.info("grid: %d points queued (%d in all)", added, len(spec.space().grid()))
+    total = n_trials_total(spec)
+    spec.parent_run_id = open_parent(study, spec)
+    spec_path = spec.dir / SPEC_FILE
+    spec.save(spec_path)
+    workers = int(spec.study["workers"])
+    log.info("Study %r in %s: %d trials in all, %d worker(s); resume any time with the same command",
+             study.study_name, spec.study["storage"] or spec.dir / "optuna.db", total, workers)
+    status = "FAILED"
+    try:
+        if launcher is not None and "submitit" in launcher.get("_target_", ""):
+            run_submitit_workers(spec_path, workers, launcher)
+        elif workers > 1:
+            run_local_workers(spec_path, workers)
+        else:
+            work(spec)
+        status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    finally:
+        table, files = summarize(study, spec)
+        close_parent(study, spec, table, files, status)
+    return study

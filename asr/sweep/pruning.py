@@ -1,0 +1,68 @@
+"""Pruning on eval WER from inside the HF Trainer, and the pruners a sweep file can name."""
+
+from __future__ import annotations
+
+import logging
+
+import optuna
+from omegaconf import DictConfig
+from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
+
+
+class OptunaPruningCallback(TrainerCallback):
+    """Reports the metric at every evaluation (step = global step) and stops a hopeless trial.
+
+    Raising `optuna.TrialPruned` leaves the Trainer at once; `asr.training.run` closes the
+    trial's MLflow run with `trial_state=PRUNED` (curves kept) and Optuna records the trial
+    PRUNED with the last reported value.
+    """
+
+    def __init__(self, trial: optuna.Trial, metric: str = "eval_wer") -> None:
+        self.trial = trial
+        self.metric = metric
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics or self.metric not in metrics:
+            return
+        value = float(metrics[self.metric])
+        self.trial.report(value, step=state.global_step)
+        if self.trial.should_prune():
+            self.trial.set_user_attr("pruned_at_step", state.global_step)
+            log.info("trial %d pruned at step %d: %s %.4f", self.trial.number, state.global_step, self.metric, value)
+            raise optuna.TrialPruned(f"{self.metric} {value:.4f} at step {state.global_step}")
+
+
+def build_pruner(cfg: DictConfig, eval_steps: int) -> optuna.pruners.BasePruner:
+    """sweep.pruner → an Optuna pruner; `warmup_evals` evaluations are never pruned.
+
+    CTC models emit only blanks for their first few hundred steps (WER 1.0 for everyone), so
+    comparing trials there would prune at random: the warm-up is counted in evaluations and
+    converted to the global steps the pruning callback reports.
+    """
+    warmup_steps = cfg.warmup_evals * eval_steps
+    if cfg.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=warmup_steps)
+    if cfg.name == "percentile":
+        return optuna.pruners.PercentilePruner(cfg.percentile, n_startup_trials=cfg.n_startup_trials, n_warmup_steps=warmup_steps)
+    if cfg.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, warmup_steps), reduction_factor=cfg.reduction_factor)
+    if cfg.name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, warmup_steps), reduction_factor=cfg.reduction_factor)
+    if cfg.name in ("none", None):
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"sweep.pruner.name={cfg.name!r}: choose median, percentile, hyperband, successive_halving or none")
+
+
+def build_sampler(cfg: DictConfig) -> optuna.samplers.BaseSampler:
+    """sweep.sampler → an Optuna sampler. `grid` enqueues every point up front (see asr.sweep.study)."""
+    if cfg.name == "tpe":
+        return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials, constant_liar=True)
+    if cfg.name == "random":
+        return optuna.samplers.RandomSampler(seed=cfg.seed)
+    if cfg.name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials)
+    if cfg.name == "grid":
+        return optuna.samplers.RandomSampler(seed=cfg.seed)  # never asked: every grid point is enqueued
+    raise ValueError(f"sweep.sampler.name={cfg.name!r}: choose tpe, random, grid or cmaes")

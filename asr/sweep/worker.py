@@ -1,0 +1,27 @@
+"""A sweep worker process: `python -m asr.sweep.worker <sweep_spec.json> <index>` (or a submitit job).
+
+Started by the driver (asr.sweep.driver); a worker on another machine can also be started by
+hand with the same spec file, as long as it reaches the storage and the tracking server.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import asr  # noqa: F401  (registers the ${repo_dir:} resolver used in conf/)
+
+
+def main(spec_path: str, index: int = 0) -> int:
+    from asr.sweep.study import SweepSpec, work
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][worker {index}][%(name)s][%(levelname)s] - %(message)s")
+    return work(SweepSpec.load(Path(spec_path)), worker=int(index))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python -m asr.sweep.worker <sweep_spec.json> <worker index>")
+    main(sys.argv[1], int(sys.argv[2]))

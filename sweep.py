@@ -1,0 +1,39 @@
+"""Run an Optuna study over train.py's config: sampled trials, pruning on eval WER, parallel workers.
+
+    python sweep.py                                      # the default study (make sweep)
+    python sweep.py sweep=lr_epochs experiment=seed dataset=openslr54 sweep.workers=4
+    python sweep.py hydra/launcher=slurm sweep.workers=16 ...   # workers as a SLURM job array
+    python sweep.py sweep.report_only=true               # leaderboard, best.yaml, plots of the study so far
+
+Rerunning the same command resumes the study (same name and storage) until sweep.n_trials is reached.
+"""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+import asr  # noqa: F401  (registers the ${repo_dir:} resolver used in conf/)
+from asr.sweep import SweepSpec, run_study
+from asr.sweep.report import best_trial
+
+
+def train_overrides(task_overrides) -> list[str]:
+    """The command line minus the study's own settings: what every trial passes to train.py's config."""
+    return [o for o in task_overrides if not o.lstrip("+~").startswith(("sweep", "hydra"))]
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="study")
+def main(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
+    spec = SweepSpec(
+        study=OmegaConf.to_container(cfg.sweep, resolve=True),
+        base_overrides=train_overrides(hydra_cfg.overrides.task),
+        tracking=OmegaConf.to_container(cfg.tracking, resolve=True),
+    )
+    launcher = hydra_cfg.launcher if "submitit" in str(hydra_cfg.launcher.get("_target_", "")) else None
+    best = best_trial(run_study(spec, launcher, report_only=cfg.sweep.report_only))
+    return best.value if best else None
+
+
+if __name__ == "__main__":
+    main()
