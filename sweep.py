@@ -10,26 +10,18 @@ Rerunning the same command resumes the study (same name and storage) until sweep
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import asr  # noqa: F401  (registers the ${repo_dir:} resolver used in conf/)
-from asr.sweep import SweepSpec, run_study
+from asr.sweep import run_study
 from asr.sweep.report import best_trial
-
-
-def train_overrides(task_overrides) -> list[str]:
-    """The command line minus the study's own settings: what every trial passes to train.py's config."""
-    return [o for o in task_overrides if not o.lstrip("+~").startswith(("sweep", "hydra"))]
+from asr.sweep.study import spec_from_config
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="study")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
-    spec = SweepSpec(
-        study=OmegaConf.to_container(cfg.sweep, resolve=True),
-        base_overrides=train_overrides(hydra_cfg.overrides.task),
-        tracking=OmegaConf.to_container(cfg.tracking, resolve=True),
-    )
+    spec = spec_from_config(cfg, hydra_cfg.overrides.task)
     launcher = hydra_cfg.launcher if "submitit" in str(hydra_cfg.launcher.get("_target_", "")) else None
     best = best_trial(run_study(spec, launcher, report_only=cfg.sweep.report_only))
     return best.value if best else None

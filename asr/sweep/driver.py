@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from asr.sweep.parent_run import close_parent, open_parent
 from asr.sweep.report import summarize
-from asr.sweep.study import SweepSpec, compose_train_config, enqueue_grid, load_study, n_trials_total, work
+from asr.sweep.study import SweepSpec, enqueue_grid, load_study, n_trials_total, work
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,9 @@ def run_submitit_workers(spec_path: Path, workers: int, launcher: DictConfig) ->
     from asr.sweep.worker import main as worker_main
 
     executor = submitit_executor(launcher, spec_path.parent / "submitit")
-    jobs = executor.map_array(worker_main, [str(spec_path)] * workers, list(range(workers)))
+    # submitit's local executor shares this machine's cores between the workers; SLURM jobs have their own.
+    threads = max(1, (os.cpu_count() or 1) // workers) if executor.cluster == "local" else None
+    jobs = executor.map_array(worker_main, [str(spec_path)] * workers, list(range(workers)), [threads] * workers)
     log.info("submitted %d workers: %s", workers, ", ".join(job.job_id for job in jobs))
     try:
         for job in jobs:
@@ -104,10 +106,7 @@ def run_submitit_workers(spec_path: Path, workers: int, launcher: DictConfig) ->
 def run_study(spec: SweepSpec, launcher: DictConfig | None = None, report_only: bool = False) -> optuna.Study:
     """Create or resume the study, run its workers, then report (also after Ctrl-C or a crash)."""
     spec.dir.mkdir(parents=True, exist_ok=True)
-    # Compose the base config once up front: a bad override fails here, before any worker starts,
-    # and the pruner's warm-up (counted in evaluations) is converted with the trials' eval_steps.
-    spec.eval_steps = int(compose_train_config([*spec.base_overrides, *spec.space().fixed]).trainer.eval_steps)
-    study = load_study(spec)
+    study = load_study(spec)  # composes the trials' base config first: a bad override fails before any worker starts
     if report_only:
         summarize(study, spec)
         return study

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 from omegaconf import OmegaConf
 
+from asr.sweep.space import flatten_params
 from asr.sweep.study import SweepSpec, n_trials_total, storage_url
 from asr.tracking import TrackingUnavailableError, connect, git_state
 
@@ -62,7 +63,7 @@ def open_parent(study: optuna.Study, spec: SweepSpec) -> str | None:
     client.set_tag(run_id, "sweep_id", run_id)
     params = {"sampler": cfg["sampler"]["name"], "pruner": cfg["pruner"]["name"], "n_trials": n_trials_total(spec),
               "workers": cfg["workers"], "metric": cfg["metric"], "direction": cfg["direction"],
-              "swept_keys": ",".join(cfg["params"]), **{f"space.{k}": v for k, v in cfg["params"].items()}}
+              "swept_keys": ",".join(flatten_params(cfg["params"])), **{f"space.{k}": v for k, v in flatten_params(cfg["params"]).items()}}
     client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
     study.set_user_attr(PARENT_ATTR, run_id)
     log.info("Study %r: MLflow parent run %s in %s", study.study_name, run_id, client.tracking_uri)

@@ -53,16 +53,3 @@ def build_pruner(cfg: DictConfig, eval_steps: int) -> optuna.pruners.BasePruner:
     if cfg.name in ("none", None):
         return optuna.pruners.NopPruner()
     raise ValueError(f"sweep.pruner.name={cfg.name!r}: choose median, percentile, hyperband, successive_halving or none")
-
-
-def build_sampler(cfg: DictConfig) -> optuna.samplers.BaseSampler:
-    """sweep.sampler → an Optuna sampler. `grid` enqueues every point up front (see asr.sweep.study)."""
-    if cfg.name == "tpe":
-        return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials, constant_liar=True)
-    if cfg.name == "random":
-        return optuna.samplers.RandomSampler(seed=cfg.seed)
-    if cfg.name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=cfg.seed, n_startup_trials=cfg.n_startup_trials)
-    if cfg.name == "grid":
-        return optuna.samplers.RandomSampler(seed=cfg.seed)  # never asked: every grid point is enqueued
-    raise ValueError(f"sweep.sampler.name={cfg.name!r}: choose tpe, random, grid or cmaes")

@@ -15,7 +15,6 @@ does the parsing; this module only maps its sweep objects onto `optuna.distribut
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,9 +47,9 @@ class SearchSpace:
 
 
 def _range_values(sweep: RangeSweep) -> list[Any]:
-    count = max(0, math.ceil((sweep.stop - sweep.start) / sweep.step))
-    values = [sweep.start + i * sweep.step for i in range(count)]
-    return values if all(isinstance(v, int) for v in values) else [round(v, 12) for v in values]
+    """Exactly the values `python train.py -m key=range(...)` would run (Hydra's own range), floats tidied."""
+    values = list(sweep.range())
+    return values if all(isinstance(v, int) for v in values) else [round(float(v), 12) for v in values]
 
 
 def to_distribution(key: str, sweep: Any) -> tuple[BaseDistribution, list[Any] | None]:
@@ -85,11 +84,22 @@ def to_distribution(key: str, sweep: Any) -> tuple[BaseDistribution, list[Any] |
     raise SearchSpaceError(f"{key}: {sweep!r} is not a sweep Optuna can search; use choice(), range() or interval()")
 
 
+def flatten_params(params: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    """`trainer.lr: ...` in a sweep file and `sweep.params.trainer.lr=...` on the command line (nested) alike."""
+    flat: dict[str, Any] = {}
+    for key, value in (params or {}).items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def parse_space(params: Mapping[str, Any]) -> SearchSpace:
     """`sweep.params` (key → Hydra override value) → a SearchSpace; errors name the offending key."""
     parser = OverridesParser.create()
     space = SearchSpace()
-    for key, value in (params or {}).items():
+    for key, value in flatten_params(params).items():
         line = f"{key}={value}"
         try:
             override: Override = parser.parse_override(line)

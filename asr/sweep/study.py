@@ -29,13 +29,11 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import FrozenTrial, TrialState
 
 from asr.paths import REPO_DIR
-from asr.sweep.pruning import OptunaPruningCallback, build_pruner, build_sampler
+from asr.sweep.pruning import OptunaPruningCallback, build_pruner
 from asr.sweep.space import SearchSpace, format_value, parse_space, to_overrides
 from asr.tracking import SweepJob, set_sweep_job, tracking_uri
 
 log = logging.getLogger(__name__)
-# Heartbeats and their retry callback have been "experimental" since optuna 2.8; we rely on them knowingly.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module=r"asr\.sweep")
 
 CONF_DIR = REPO_DIR / "conf"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -50,7 +48,7 @@ class SweepSpec:
     base_overrides: list[str]  # the sweep command's train overrides, applied to every trial
     tracking: dict[str, Any]  # the resolved `tracking` node
     parent_run_id: str | None = None
-    eval_steps: int = 200  # trainer.eval_steps of the base config: converts pruner warm-up evals to steps
+    eval_steps: int | None = None  # the trials' trainer.eval_steps: converts the pruner's warm-up evals to steps
     search_space: SearchSpace | None = field(default=None, repr=False)
 
     @property
@@ -75,6 +73,17 @@ class SweepSpec:
         return cls(**json.loads(Path(path).read_text()))
 
 
+def train_overrides(task_overrides: list[str]) -> list[str]:
+    """The sweep command line minus the study's own settings: what every trial passes to train.py's config."""
+    return [o for o in task_overrides if not o.lstrip("+~").startswith(("sweep", "hydra"))]
+
+
+def spec_from_config(cfg: DictConfig, task_overrides: list[str]) -> SweepSpec:
+    """sweep.py's composed config (conf/study.yaml) + its command line → the spec its workers share."""
+    return SweepSpec(study=OmegaConf.to_container(cfg.sweep, resolve=True), base_overrides=train_overrides(list(task_overrides)),
+                     tracking=OmegaConf.to_container(cfg.tracking, resolve=True))
+
+
 # ---- storage and study ------------------------------------------------------------------------
 def storage_url(study_cfg: DictConfig | dict) -> str:
     """sweep.storage, or an SQLite file in the sweep folder (inspectable, heartbeats, optuna-dashboard)."""
@@ -94,6 +103,12 @@ def open_storage(study_cfg: DictConfig | dict) -> optuna.storages.BaseStorage:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    with warnings.catch_warnings():  # heartbeats have been "experimental" since optuna 2.8; we rely on them knowingly
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _rdb_storage(url, engine_kwargs, study_cfg)
+
+
+def _rdb_storage(url: str, engine_kwargs: dict, study_cfg) -> RDBStorage:
     return RDBStorage(
         url,
         engine_kwargs=engine_kwargs,
@@ -103,12 +118,30 @@ def open_storage(study_cfg: DictConfig | dict) -> optuna.storages.BaseStorage:
     )
 
 
-def load_study(spec: SweepSpec) -> optuna.Study:
+def build_sampler(cfg: DictConfig, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """sweep.sampler → an Optuna sampler. `grid` enqueues every point up front (see asr.sweep.study)."""
+    seed = None if cfg.seed is None else cfg.seed + worker
+    if cfg.name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials, constant_liar=True)
+    if cfg.name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if cfg.name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
+    if cfg.name == "grid":
+        return optuna.samplers.RandomSampler(seed=seed)  # never asked: every grid point is enqueued
+    raise ValueError(f"sweep.sampler.name={cfg.name!r}: choose tpe, random, grid or cmaes")
+
+
+def load_study(spec: SweepSpec, worker: int = 0) -> optuna.Study:
+    """The study (created on first use). Each worker seeds its sampler with seed + worker index:
+    workers sharing one seed would propose identical trials while the study is still random."""
+    if spec.eval_steps is None:
+        spec.eval_steps = int(compose_train_config([*spec.base_overrides, *spec.space().fixed]).trainer.eval_steps)
     cfg = spec.cfg
     return optuna.create_study(
         study_name=cfg.study_name,
         storage=open_storage(spec.study),
-        sampler=build_sampler(cfg.sampler),
+        sampler=build_sampler(cfg.sampler, worker),
         pruner=build_pruner(cfg.pruner, spec.eval_steps),
         direction=cfg.direction,
         load_if_exists=True,
@@ -243,6 +276,8 @@ def make_objective(spec: SweepSpec, train_fn=None):
             value = metrics.get(cfg.metric)
             if value is None:
                 raise RuntimeError(f"the run reported no {cfg.metric}: set trainer.eval_steps below the run's step count")
+            if value != value:  # NaN
+                raise FloatingPointError(f"{cfg.metric} is NaN: the loss diverged; lower trainer.lr or narrow the search space")
             trial.set_user_attr("metrics", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             _tag_child(spec, _mlflow_run_id(out), "COMPLETE")
             return float(value)
@@ -307,7 +342,7 @@ def _free_cuda_memory() -> None:
 # ---- a worker ---------------------------------------------------------------------------------
 def work(spec: SweepSpec, worker: int = 0, train_fn=None) -> int:
     """Run trials until the study holds n_trials results (or sweep.timeout passes). Returns trials run here."""
-    study = load_study(spec)
+    study = load_study(spec, worker)
     total = n_trials_total(spec)
     objective = make_objective(spec, train_fn)
     timeout = spec.study.get("timeout")
@@ -316,7 +351,9 @@ def work(spec: SweepSpec, worker: int = 0, train_fn=None) -> int:
     log.info("worker %d (pid %d) joins study %r: %d trials in all", worker, os.getpid(), study.study_name, total)
     while True:
         try:
-            fail_stale_trials(study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                fail_stale_trials(study)
             trials = counted(study.get_trials(deepcopy=False))
             finished = sum(t.state in FINISHED for t in trials)
             waiting = sum(t.state == TrialState.WAITING for t in trials)

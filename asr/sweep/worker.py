@@ -13,9 +13,14 @@ from pathlib import Path
 import asr  # noqa: F401  (registers the ${repo_dir:} resolver used in conf/)
 
 
-def main(spec_path: str, index: int = 0) -> int:
+def main(spec_path: str, index: int = 0, threads: int | None = None) -> int:
+    """`threads`: CPU threads for torch when several workers share one machine's cores."""
     from asr.sweep.study import SweepSpec, work
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][worker {index}][%(name)s][%(levelname)s] - %(message)s")
     return work(SweepSpec.load(Path(spec_path)), worker=int(index))
