@@ -1,0 +1,94 @@
+"""Throughput metrics in every run, and the gpu_fast preset composing and training on a CPU."""
+
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from asr import training
+from asr.throughput import BatchStats, ThroughputCallback
+from asr.tracking import tracking_uri
+from conftest import SMALL_CORPUS, compose_cfg
+
+THROUGHPUT_KEYS = ("train_audio_seconds_per_second", "train_padding_fraction", "train_distinct_shapes",
+                   "train_timed_seconds", "train_real_audio_seconds", "train_padded_audio_seconds")
+
+
+def test_default_run_reports_throughput(learned):
+    cfg, output_dir, metrics = learned
+    on_disk = json.loads((output_dir / "metrics.json").read_text())
+    for key in THROUGHPUT_KEYS:
+        assert key in on_disk
+    assert on_disk["train_audio_seconds_per_second"] == pytest.approx(
+        on_disk["train_real_audio_seconds"] / on_disk["train_timed_seconds"])
+    assert 0 < on_disk["train_timed_seconds"] < on_disk["train_runtime"]  # evaluations and saves are not counted
+    # 300 steps of batch 8 from 400 utterances: 6 epochs of real audio (+ 0.02 s per utterance of frame rounding)
+    epochs = 300 * 8 / 400
+    assert on_disk["train_real_audio_seconds"] == pytest.approx(epochs * on_disk["train_audio_seconds"], rel=0.01)
+    assert 0.1 < on_disk["train_padding_fraction"] < 0.6  # random batches of 1-6 s utterances
+    run = MlflowClient(tracking_uri()).get_run(json.loads((output_dir / "mlflow_run.json").read_text())["run_id"])
+    assert run.data.metrics["train_audio_seconds_per_second"] == pytest.approx(on_disk["train_audio_seconds_per_second"])
+
+
+def test_gpu_fast_composes_and_trains_on_cpu(tmp_path):
+    overrides = [*SMALL_CORPUS, "debug=fast", "trainer=gpu_fast", "trainer.max_steps=null", "trainer.epochs=2",
+                 "trainer.batch_seconds=20", "trainer.dataloader_num_workers=1", "tracking.experiment=test-gpu-fast"]
+    cfg = compose_cfg(*overrides)
+    args = training.build_training_args(cfg.trainer, tmp_path)
+    assert args.optim == "adamw_torch_fused" and not args.gradient_checkpointing
+    assert not (args.fp16 or args.bf16)  # precision auto = fp32 without a GPU
+    assert args.dataloader_persistent_workers and not args.dataloader_pin_memory
+    metrics = training.run(cfg, tmp_path)
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk == pytest.approx(metrics)
+    # two epochs, each utterance once per epoch (frames are 20 ms: up to 0.02 s rounding per utterance)
+    assert metrics["train_real_audio_seconds"] == pytest.approx(2 * metrics["train_audio_seconds"], abs=2 * 64 * 0.02)
+    padded, real = metrics["train_padded_audio_seconds"], metrics["train_real_audio_seconds"]
+    assert metrics["train_padding_fraction"] == pytest.approx(1 - real / padded)
+    assert padded <= 20 * metrics["train_steps"]  # no batch above 20 padded seconds (the debug corpus has no longer utterance)
+    assert metrics["train_padding_fraction"] < 0.2  # similar lengths, padded to 0.5 s steps
+    assert 1 <= metrics["train_distinct_shapes"] <= metrics["train_steps"] / 2
+    assert (padded * 50) % 25 == pytest.approx(0)  # every batch padded to a multiple of 25 frames
+    assert metrics["test_wer"] <= 1.0
+
+
+def test_clock_counts_training_steps_only():
+    stats = BatchStats()
+    callback = ThroughputCallback(stats, frames_per_second=50)
+    args = SimpleNamespace(world_size=1)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=2)
+    callback.on_train_begin(args, state, None)
+    for _ in range(2):
+        stats.add({"real_frames": 400, "padded_frames": 500, "shape": (5, 100)})
+        time.sleep(0.05)
+        callback.on_step_end(args, state, None)
+        time.sleep(0.2)  # an evaluation
+        callback.on_evaluate(args, state, None)
+    callback.on_train_end(args, state, None)
+    summary = callback.summary
+    assert 0.1 <= summary["train_timed_seconds"] < 0.2
+    assert summary["train_real_audio_seconds"] == 16.0 and summary["train_padding_fraction"] == pytest.approx(0.2)
+    assert summary["train_distinct_shapes"] == 1
+    assert summary["train_audio_seconds_per_second"] == pytest.approx(16.0 / summary["train_timed_seconds"])
+
+
+def test_flop_estimate_matches_torch_flop_counter():
+    """The MFU numerator (6·P·B·T + 12·L·d·B·T²) against counted FLOPs of a forward + backward pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import Wav2Vec2BertConfig, Wav2Vec2BertForCTC
+
+    from asr.throughput import training_flops
+
+    model = Wav2Vec2BertForCTC(Wav2Vec2BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                                                  output_hidden_size=256, add_adapter=True, vocab_size=40, pad_token_id=39,
+                                                  mask_time_prob=0.0, layerdrop=0.0))
+    features = torch.randn(2, 300, 160)
+    with FlopCounterMode(display=False) as counter:
+        model(input_features=features).logits.sum().backward()
+    estimate = training_flops(model)(2, 300)
+    assert 0.7 < estimate / counter.get_total_flops() < 1.3
