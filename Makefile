@@ -9,7 +9,7 @@ PORT   ?= 5000
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train test test-all ui compare clean
+.PHONY: help setup train sweep test test-all ui compare clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ setup:  ## create .venv with everything installed (TORCH=... to choose the torch
 
 train: setup  ## train on the built-in corpus (ARGS="trainer.epochs=2 ..." for Hydra overrides)
 	$(BIN)/python train.py $(ARGS)
+
+sweep: setup  ## Optuna study: TPE + median pruning on eval WER, 2 workers (ARGS="sweep=lr_epochs ..."); rerun to resume
+	$(BIN)/python sweep.py $(ARGS)
 
 test: setup  ## run the test suite (tests marked slow excluded)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" $(ARGS)
