@@ -114,6 +114,7 @@ def build_training_args(cfg: DictConfig, output_dir: Path, layerdrop: float = 0.
         # layerdrop skips different layers on different ranks: DDP must allow unused parameters
         ddp_find_unused_parameters=True if layerdrop > 0 else None,
         seed=cfg.seed,
+        use_cpu=_ddp_on_cpu(),
         report_to="none",  # MLflow is handled by asr.tracking (see there why)
         **resolve_precision(cfg.precision),
         **OmegaConf.to_container(cfg.extra, resolve=True),
@@ -145,6 +146,11 @@ def prepare(cfg: DictConfig, output_dir: Path) -> tuple[DatasetDict, DatasetDict
     return splits, features, processor
 
 
+def _ddp_on_cpu() -> bool:
+    """torchrun on a machine without CUDA: accelerate needs cpu=True to use gloo (else each rank trains alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def _shared_output_dir(output_dir: Path) -> tuple[Path, int]:
     """(rank 0's output folder, this process's rank): under torchrun every rank uses rank 0's folder."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -152,7 +158,7 @@ def _shared_output_dir(output_dir: Path) -> tuple[Path, int]:
     from accelerate import PartialState  # sets up the process group (gloo on CPU, nccl on GPU)
     from accelerate.utils import broadcast_object_list
 
-    state = PartialState()
+    state = PartialState(cpu=_ddp_on_cpu())
     shared = broadcast_object_list([str(output_dir)], from_process=0)[0]
     return Path(shared), state.process_index
 
@@ -164,7 +170,7 @@ def _main_process_first():
         return
     from accelerate import PartialState
 
-    with PartialState().main_process_first():
+    with PartialState(cpu=_ddp_on_cpu()).main_process_first():
         yield
 
 

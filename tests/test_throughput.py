@@ -20,7 +20,7 @@ THROUGHPUT_KEYS = ("train_audio_seconds_per_second", "train_padding_fraction", "
 
 
 def test_default_run_reports_throughput(learned):
-    cfg, output_dir, metrics = learned
+    _, output_dir, _ = learned
     on_disk = json.loads((output_dir / "metrics.json").read_text())
     for key in THROUGHPUT_KEYS:
         assert key in on_disk
