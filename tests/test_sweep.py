@@ -126,12 +126,12 @@ def test_pruner_stops_an_absurd_learning_rate_before_its_last_evaluation(tmp_pat
     """Two sane trials set the median; lr=30 blows the loss up and is pruned at its first eligible eval."""
     args = study_args(tmp_path, "prune", "params:\n  trainer.lr: tag(log, interval(1e-4, 100.0))\n",
                       "sweep.metric=eval_loss", "sweep.pruner.warmup_evals=1", "sweep.pruner.n_startup_trials=2",
-                      "sweep.n_trials=3", "tracking.enabled=false")
+                      "sweep.n_trials=3")
     spec = spec_for(args)
     study = load_study(spec)
     for lr in (3e-3, 2e-3, 30.0):
         study.enqueue_trial({"trainer.lr": lr})
-    work(spec)
+    run_study(spec)
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
     sane, bad = trials[0], trials[2]
@@ -142,6 +142,10 @@ def test_pruner_stops_an_absurd_learning_rate_before_its_last_evaluation(tmp_pat
     assert math.isnan(last) or last > max(t.intermediate_values[step] for t in trials[:2])  # diverged (NaN) or worse
     assert bad.value == (None if math.isnan(last) else last)  # recorded PRUNED with its last value (Optuna stores NaN as none)
     assert not (tmp_path / "study" / "trial_0002" / "metrics.json").exists()  # no test pass for a pruned trial
+    client = MlflowClient(tracking_uri())
+    child = client.get_run(bad.user_attrs["mlflow_run_id"])
+    assert child.info.status == "FINISHED" and child.data.tags["trial_state"] == "PRUNED"
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "eval_loss")] == sorted(bad.intermediate_values)
 
 
 def test_out_of_memory_retries_once_with_half_the_batch_and_twice_the_accumulation(tmp_path):
@@ -206,9 +210,11 @@ def test_grid_with_two_workers_runs_every_point_once_and_records_failures(tmp_pa
 
 
 # ---- crash recovery ----------------------------------------------------------------------------
-def test_sigkill_mid_trial_then_rerun_resumes_the_study_to_its_total(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=["SIGKILL", "SIGTERM"])
+def test_killed_mid_trial_then_rerun_resumes_the_study_to_its_total(tmp_path, sig):
     """kill -9 of the sweep while trial 1 trains: the rerun fails it (no heartbeat), re-queues it,
-    resumes it from its last checkpoint, and stops at n_trials; the MLflow parent is re-attached."""
+    resumes it from its last checkpoint, and stops at n_trials; the MLflow parent is re-attached.
+    SIGTERM (scancel, a time limit): the trial is marked interrupted at once and re-queued the same way."""
     args = study_args(tmp_path, "crash", "params:\n  trainer.lr: tag(log, interval(1e-3, 1e-2))\n",
                       "sweep.n_trials=3", "sweep.heartbeat_interval=1", "sweep.grace_period=2",
                       "trainer.max_steps=60", "trainer.eval_steps=10", "trainer.save_steps=10")
@@ -218,12 +224,15 @@ def test_sigkill_mid_trial_then_rerun_resumes_the_study_to_its_total(tmp_path):
     while not list(checkpoints.glob("checkpoint-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, "the sweep ended before trial 1 wrote a checkpoint"
-    os.kill(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, sig)
     proc.wait()
     spec = spec_for(args)
     study = load_study(spec)
     assert states(study) == {"COMPLETE": 1, "RUNNING": 1}
     parent_id = study.user_attrs["mlflow_parent_run_id"]
+    if sig == signal.SIGTERM:
+        assert study.trials[1].user_attrs["interrupted"] is True
+        assert MlflowClient(tracking_uri()).get_run(parent_id).info.status == "KILLED"
 
     time.sleep(2.5)  # past the grace period
     run_sweep_py(args)

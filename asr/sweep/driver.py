@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from asr.sweep.parent_run import close_parent, open_parent
 from asr.sweep.report import summarize
-from asr.sweep.study import SweepSpec, enqueue_grid, load_study, n_trials_total, work
+from asr.sweep.study import SweepSpec, enqueue_grid, load_study, n_trials_total, requeue_interrupted, work
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,8 @@ def run_study(spec: SweepSpec, launcher: DictConfig | None = None, report_only: 
     if report_only:
         summarize(study, spec)
         return study
+    if requeued := requeue_interrupted(study, spec.study["max_retry"]):
+        log.info("%d interrupted trial(s) queued again; they resume from their last checkpoint", requeued)
     if spec.study["sampler"]["name"] == "grid":
         added = enqueue_grid(study, spec.space())
         log.info("grid: %d points queued (%d in all)", added, len(spec.space().grid()))

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 CONF_DIR = REPO_DIR / "conf"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 OVER_BUDGET = "over_budget"  # user attr of a trial started after another worker took the last slot
+INTERRUPTED = "interrupted"  # user attr of a trial stopped by Ctrl-C / SIGTERM: it runs again on resume
 
 
 @dataclass
@@ -161,6 +162,26 @@ def enqueue_grid(study: optuna.Study, space: SearchSpace) -> int:
     return added
 
 
+def requeue_interrupted(study: optuna.Study, max_retry: int | None) -> int:
+    """Trials stopped by Ctrl-C/SIGTERM are queued again, like a dead worker's: same parameters,
+    resumed from their last checkpoint, and not counted against n_trials."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    requeue = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    todo = [t for t in trials if t.state in (TrialState.FAIL, TrialState.RUNNING) and t.user_attrs.get(INTERRUPTED)
+            and t.number not in retried]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for trial in todo:
+            if trial.state == TrialState.RUNNING:  # SystemExit (SIGTERM) leaves Optuna no chance to close it
+                try:
+                    study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass
+            requeue(study, study._storage.get_trial(trial._trial_id))
+    return len(todo)
+
+
 def n_trials_total(spec: SweepSpec) -> int:
     cfg = spec.cfg
     if cfg.n_trials is not None:
@@ -282,6 +303,9 @@ def make_objective(spec: SweepSpec, train_fn=None):
             _tag_child(spec, _mlflow_run_id(out), "COMPLETE")
             return float(value)
         except optuna.TrialPruned:
+            raise
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C / SIGTERM / scancel: re-queued on the next start
+            trial.set_user_attr(INTERRUPTED, True)
             raise
         except Exception as err:
             trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:2000])
