@@ -152,8 +152,8 @@ def load_study(spec: SweepSpec, worker: int = 0) -> optuna.Study:
 def enqueue_grid(study: optuna.Study, space: SearchSpace) -> int:
     """Queue every grid point once (WAITING trials). Workers pop them atomically from the storage,
     so each point runs exactly once however many workers there are; rerunning queues only what is missing."""
-    queued = {json.dumps(t.params, sort_keys=True, default=str) for t in study.get_trials(deepcopy=False)
-              if not (t.state == TrialState.FAIL and t.user_attrs.get(OVER_BUDGET))}
+    queued = {json.dumps(t.params or t.system_attrs.get("fixed_params", {}), sort_keys=True, default=str)
+              for t in study.get_trials(deepcopy=False) if not (t.state == TrialState.FAIL and t.user_attrs.get(OVER_BUDGET))}
     added = 0
     for point in space.grid():
         if json.dumps(point, sort_keys=True, default=str) not in queued:
@@ -270,16 +270,18 @@ def make_objective(spec: SweepSpec, train_fn=None):
         overrides = [*spec.base_overrides, *space.fixed, *to_overrides(params)]
         out = trial_dir(spec, trial.number)
         trial.set_user_attr("output_dir", str(out))
-        train_cfg = compose_train_config(overrides)
-        with open_dict(train_cfg):
-            train_cfg.tracking.run_name = f"trial {trial.number}: " + (" ".join(to_overrides(params)) or "defaults")
         resume = _resume_checkpoint(trial, spec)
         set_sweep_job(SweepJob(spec.parent_run_id, trial.number, {k: format_value(v) for k, v in params.items()},
                                tags={"optuna_study": cfg.study_name, "optuna_trial": str(trial.number)})
                       if spec.parent_run_id else None)
         callbacks = [OptunaPruningCallback(trial, cfg.metric)]
         try:
+            train_cfg = compose_train_config(overrides)  # a sampled group option that does not exist fails here, with its reason
+            with open_dict(train_cfg):
+                train_cfg.tracking.run_name = f"trial {trial.number}: " + (" ".join(to_overrides(params)) or "defaults")
             for attempt in (1, 2):
+                if attempt == 2:
+                    _free_cuda_memory()  # here, not in the except block: the exception's traceback holds the first model
                 _save_config(out, train_cfg, overrides)
                 try:
                     metrics = run_training(train_cfg, out, overrides=overrides, callbacks=callbacks, resume_from_checkpoint=resume)
@@ -290,7 +292,6 @@ def make_objective(spec: SweepSpec, train_fn=None):
                         change = halve_batch(train_cfg)
                         trial.set_user_attr("oom_retry", change)
                         log.warning("trial %d ran out of memory; retrying once with %s", trial.number, change)
-                        _free_cuda_memory()
                         resume = None
                         continue
                     raise
