@@ -167,11 +167,11 @@ def requeue_interrupted(study: optuna.Study, max_retry: int | None) -> int:
     resumed from their last checkpoint, and not counted against n_trials."""
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    requeue = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
     todo = [t for t in trials if t.state in (TrialState.FAIL, TrialState.RUNNING) and t.user_attrs.get(INTERRUPTED)
             and t.number not in retried]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        requeue = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
         for trial in todo:
             if trial.state == TrialState.RUNNING:  # SystemExit (SIGTERM) leaves Optuna no chance to close it
                 try:
