@@ -92,3 +92,46 @@ def test_flop_estimate_matches_torch_flop_counter():
         model(input_features=features).logits.sum().backward()
     estimate = training_flops(model)(2, 300)
     assert 0.7 < estimate / counter.get_total_flops() < 1.3
+
+
+def _load_benchmark(name: str):
+    import importlib.util
+
+    from asr.paths import REPO_DIR
+
+    spec = importlib.util.spec_from_file_location(name, REPO_DIR / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_varlen_benchmark_code_path_on_cpu(tmp_path):
+    """benchmarks/gpu_varlen.py's arms, in-process with the tiny model on a few utterances."""
+    varlen = _load_benchmark("gpu_varlen")
+    opts = SimpleNamespace(gpu=False, utterances=16, batch=4, epochs=1, warmup=1, multiple=25, attn="sdpa", threads=1, work=str(tmp_path))
+    threads = torch.get_num_threads()
+    try:
+        naive, bounded = varlen.run_arm("naive", opts), varlen.run_arm("bounded", opts)
+    finally:
+        torch.set_num_threads(threads)
+    assert naive["steps"] == 4 and naive["mean_batch"] == 4.0
+    assert bounded["padding_fraction"] < naive["padding_fraction"] / 2  # log-normal lengths: ~40% vs < 15% padding
+    assert bounded["distinct_shapes"] <= naive["distinct_shapes"]
+    assert bounded["real_audio_s_per_s"] > 0 and bounded["peak_gpu_gib"] is None
+
+
+def test_throughput_benchmark_runs_both_presets_and_the_bare_loop(tmp_path, monkeypatch):
+    bench = _load_benchmark("throughput")
+    out = tmp_path / "results.jsonl"
+    monkeypatch.setattr("sys.argv", ["throughput.py", "--synthetic", "48", "--steps", "4", "--warmup", "1", "--rounds", "1",
+                                     "--threads", "1", "--out", str(out), f"paths.cache_dir={tmp_path / 'cache'}"])
+    threads = torch.get_num_threads()
+    try:
+        bench.main()
+    finally:
+        torch.set_num_threads(threads)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["arm"] for r in rows if "arm" in r] == ["A", "B", "ours", "bare"]
+    assert all(r["steps"] == 4 and r["audio_s_per_s"] > 0 for r in rows if "arm" in r)
+    summary = rows[-1]["summary"]
+    assert summary["A_over_B"] == pytest.approx(summary["A_audio_s_per_s"] / summary["B_audio_s_per_s"])
