@@ -116,6 +116,8 @@ def run_arm(arm: str, opts: argparse.Namespace) -> dict:
                 padded_frames += stats["padded_frames"]
             shapes.add(stats["shape"])
             clock = now
+    if not step_times:
+        raise ValueError(f"--warmup {opts.warmup} leaves no timed step of {steps}: raise --utterances or --epochs")
     timed = sum(step_times)
     return {"arm": arm, "real_audio_s_per_s": real_frames / FPS / timed, "padding_fraction": 1 - real_frames / padded_frames,
             "distinct_shapes": len(shapes), "steps": steps, "timed_steps": len(step_times),
@@ -183,7 +185,11 @@ def main() -> None:
         if getattr(opts, key) is None:
             setattr(opts, key, value)
     if opts.arm:
-        print("RESULT " + json.dumps(run_arm(opts.arm, opts)), flush=True)
+        try:
+            result = run_arm(opts.arm, opts)
+        except (RuntimeError, ValueError) as err:  # torch.OutOfMemoryError included: recorded, the other arms still run
+            result = {"arm": opts.arm, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+        print("RESULT " + json.dumps(result), flush=True)
         return
     if opts.profile:
         import tempfile

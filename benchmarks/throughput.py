@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import tempfile
@@ -98,13 +99,20 @@ def arm(cfg, label, initial, features, processor, steps, warmup, work, tracker=N
     trainer, throughput = build_trainer(cfg, work / label, model, features, processor, tracker)
     trainer.args.eval_strategy, trainer.args.load_best_model_at_end = "no", False  # no evaluation at the end either
     fps = throughput.fps
-    if not bare:
+    try:
+        if bare:
+            return {"arm": label, **bare_loop(trainer, model, steps, warmup, fps)}
         clock = StepClock(throughput)
         trainer.add_callback(clock)
         trainer.train()
         return {"arm": label, "audio_s_per_s": audio_per_second(clock.marks, warmup, fps),
-                "padding": throughput.summary["train_padding_fraction"], "steps": len(clock.marks)}
-    return {"arm": label, **bare_loop(trainer, model, steps, warmup, fps)}
+                "padding": throughput.summary["train_padding_fraction"], "steps": len(clock.marks),
+                **{k: v for k, v in throughput.summary.items() if k in ("train_mfu", "peak_gpu_memory_gib")}}
+    finally:  # free this arm's GPU memory before the next one starts
+        del trainer, model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def bare_loop(trainer, model, steps: int, warmup: int, fps: float) -> dict:
