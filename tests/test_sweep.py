@@ -27,7 +27,7 @@ from asr.paths import REPO_DIR
 from asr.sweep import run_study
 from asr.sweep.report import experiment_yaml, leaderboard
 from asr.sweep.space import SearchSpaceError, parse_space, split_sweep_overrides
-from asr.sweep.study import load_study, spec_from_config, storage_url, work
+from asr.sweep.study import load_study, open_storage, spec_from_config, storage_url, work
 from asr.tracking import tracking_uri
 from conftest import SMALL_CORPUS, compose_cfg
 
@@ -209,13 +209,38 @@ def test_grid_with_two_workers_runs_every_point_once_and_records_failures(tmp_pa
     assert out == ["4", str(study.best_value)]
 
 
+POP_ALL = """
+import json, sys, optuna
+from asr.sweep.study import open_storage
+study = optuna.load_study(study_name="pop", storage=open_storage(json.loads(sys.argv[1])))
+claimed = []
+while (trial_id := study._pop_waiting_trial_id()) is not None:  # what study.optimize does to take a queued trial
+    claimed.append(trial_id)
+print(json.dumps(claimed))
+"""
+
+
+def test_three_processes_claiming_queued_trials_never_share_one(tmp_path):
+    """SQLite ignores SELECT ... FOR UPDATE: without BEGIN IMMEDIATE, 3 processes claimed 90 of
+    80 queued trials (measured). Each grid point must go to exactly one worker."""
+    cfg = {"storage": None, "dir": str(tmp_path), "heartbeat_interval": 20, "grace_period": 120, "max_retry": 2}
+    study = optuna.create_study(study_name="pop", storage=open_storage(cfg))
+    for x in range(80):
+        study.enqueue_trial({"x": x})
+    procs = [subprocess.Popen([sys.executable, "-c", POP_ALL, json.dumps(cfg)], cwd=REPO_DIR, stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    claimed = [trial_id for proc in procs for trial_id in json.loads(proc.communicate(timeout=120)[0])]
+    assert sorted(claimed) == sorted(t._trial_id for t in study.get_trials())
+
+
 # ---- crash recovery ----------------------------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=["SIGKILL", "SIGTERM"])
 def test_killed_mid_trial_then_rerun_resumes_the_study_to_its_total(tmp_path, sig):
     """kill -9 of the sweep while trial 1 trains: the rerun fails it (no heartbeat), re-queues it,
     resumes it from its last checkpoint, and stops at n_trials; the MLflow parent is re-attached.
     SIGTERM (scancel, a time limit): the trial is marked interrupted at once and re-queued the same way."""
-    args = study_args(tmp_path, "crash", "params:\n  trainer.lr: tag(log, interval(1e-3, 1e-2))\n",
+    name = f"crash_{sig.name.lower()}"
+    args = study_args(tmp_path, name, "params:\n  trainer.lr: tag(log, interval(1e-3, 1e-2))\n",
                       "sweep.n_trials=3", "sweep.heartbeat_interval=1", "sweep.grace_period=2",
                       "trainer.max_steps=60", "trainer.eval_steps=10", "trainer.save_steps=10")
     proc = subprocess.Popen([sys.executable, "sweep.py", *args], cwd=REPO_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -238,6 +263,7 @@ def test_killed_mid_trial_then_rerun_resumes_the_study_to_its_total(tmp_path, si
     run_sweep_py(args)
     study = load_study(spec)
     assert states(study) == {"COMPLETE": 3, "FAIL": 1}  # the dead trial + 3 results: the total, not more
+    assert len({t.params["trainer.lr"] for t in study.trials if t.state == TrialState.COMPLETE}) == 3  # no replayed proposal
     dead = study.trials[1]
     retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == 1)
     assert dead.state == TrialState.FAIL and retry.params == dead.params
@@ -249,12 +275,12 @@ def test_killed_mid_trial_then_rerun_resumes_the_study_to_its_total(tmp_path, si
     client = MlflowClient(tracking_uri())
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
-    parents = client.search_runs([parent.info.experiment_id], "tags.sweep_role = 'parent' AND tags.optuna_study = 'crash'")
+    parents = client.search_runs([parent.info.experiment_id], f"tags.sweep_role = 'parent' AND tags.optuna_study = '{name}'")
     assert len(parents) == 1
 
     # best.yaml composes back into train.py as an experiment
     best = study.best_trial
-    cfg = compose_cfg(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=best_crash")
+    cfg = compose_cfg(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"experiment=best_{name}")
     assert cfg.trainer.lr == pytest.approx(best.params["trainer.lr"])
     assert cfg.trainer.max_steps == 60 and cfg.dataset.max_utterances.train == 64 and cfg.dataset.sizes.train == 400
     table = leaderboard(study)

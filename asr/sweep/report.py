@@ -89,7 +89,10 @@ def experiment_yaml(overrides: list[str], header: str) -> str:
             OmegaConf.update(values, key, value, force_add=True)
     body = OmegaConf.to_yaml(OmegaConf.create({"defaults": defaults, **OmegaConf.to_container(values)}) if defaults
                              else values)
-    return f"# @package _global_\n{header}{body}"
+    # like every file in conf/, each setting says where it comes from
+    lines = [line + "  # from the sweep (see Overrides above)" if re.match(r"^\s*[\w.]+:\s*[^\s#]", line) else line
+             for line in body.splitlines()]
+    return f"# @package _global_\n{header}" + "\n".join(lines) + "\n"
 
 
 def write_best_yaml(study: optuna.Study, spec: SweepSpec) -> Path | None:

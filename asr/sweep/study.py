@@ -110,13 +110,37 @@ def open_storage(study_cfg: DictConfig | dict) -> optuna.storages.BaseStorage:
 
 
 def _rdb_storage(url: str, engine_kwargs: dict, study_cfg) -> RDBStorage:
-    return RDBStorage(
+    storage = RDBStorage(
         url,
         engine_kwargs=engine_kwargs,
         heartbeat_interval=study_cfg["heartbeat_interval"],
         grace_period=study_cfg["grace_period"],
         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=study_cfg["max_retry"], inherit_intermediate_values=True),
     )
+    if url.startswith("sqlite"):
+        serialize_sqlite_transactions(storage.engine)
+    return storage
+
+
+def serialize_sqlite_transactions(engine) -> None:
+    """Make SQLite transactions take the write lock when they begin (BEGIN IMMEDIATE).
+
+    Optuna claims a queued trial with "read WAITING, then write RUNNING" in one transaction and
+    relies on SELECT ... FOR UPDATE, which SQLite ignores; and Python's sqlite3 only opens the
+    transaction at the write. Two workers could then both read WAITING and both run the same grid
+    point (seen in testing). SQLAlchemy's documented recipe: let SQLAlchemy emit the BEGIN itself.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_transactions(dbapi_connection, connection_record):
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners existed are closed
 
 
 def build_sampler(cfg: DictConfig, worker: int = 0) -> optuna.samplers.BaseSampler:
@@ -139,7 +163,7 @@ def load_study(spec: SweepSpec, worker: int = 0) -> optuna.Study:
     if spec.eval_steps is None:
         spec.eval_steps = int(compose_train_config([*spec.base_overrides, *spec.space().fixed]).trainer.eval_steps)
     cfg = spec.cfg
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=cfg.study_name,
         storage=open_storage(spec.study),
         sampler=build_sampler(cfg.sampler, worker),
@@ -147,6 +171,10 @@ def load_study(spec: SweepSpec, worker: int = 0) -> optuna.Study:
         direction=cfg.direction,
         load_if_exists=True,
     )
+    if existing := len(study.get_trials(deepcopy=False)):
+        # A resumed study must not replay the proposals its first run already tried (same seed, same sequence).
+        study.sampler = build_sampler(cfg.sampler, worker + 1000 * existing)
+    return study
 
 
 def enqueue_grid(study: optuna.Study, space: SearchSpace) -> int:
@@ -218,8 +246,10 @@ def compose_train_config(overrides: list[str]) -> DictConfig:
 
 
 def latest_checkpoint(trial_dir: Path) -> str | None:
+    """The newest complete checkpoint: a worker killed while saving leaves one without trainer_state.json."""
     checkpoints = sorted((trial_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
-    return str(checkpoints[-1]) if checkpoints else None
+    complete = [c for c in checkpoints if (c / "trainer_state.json").is_file()]
+    return str(complete[-1]) if complete else None
 
 
 def trial_dir(spec: SweepSpec, number: int) -> Path:
