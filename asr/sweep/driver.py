@@ -15,9 +15,9 @@ from pathlib import Path
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from asr.sweep.parent_run import close_parent, open_parent
+from asr.sweep.parent_run import close_parent, open_parent, safe_url
 from asr.sweep.report import summarize
-from asr.sweep.study import SweepSpec, enqueue_grid, load_study, n_trials_total, requeue_interrupted, work
+from asr.sweep.study import SweepSpec, enqueue_grid, load_study, n_trials_total, requeue_interrupted, storage_url, work
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def run_study(spec: SweepSpec, launcher: DictConfig | None = None, report_only: 
     spec.save(spec_path)
     workers = int(spec.study["workers"])
     log.info("Study %r in %s: %d trials in all, %d worker(s); resume any time with the same command",
-             study.study_name, spec.study["storage"] or spec.dir / "optuna.db", total, workers)
+             study.study_name, safe_url(storage_url(spec.study)), total, workers)
     status = "FAILED"
     try:
         if launcher is not None and "submitit" in launcher.get("_target_", ""):

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from asr.sweep.space import to_overrides
-from asr.sweep.study import CONF_DIR, OVER_BUDGET, SweepSpec, counted
+from asr.sweep.study import CONF_DIR, SweepSpec, counted
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,6 @@ def leaderboard(study: optuna.Study) -> pd.DataFrame:
     """One row per trial, best first: value, state, parameters, steps trained, why it stopped."""
     rows = []
     for trial in counted(study.get_trials(deepcopy=False)):
-        if trial.user_attrs.get(OVER_BUDGET):
-            continue
         metrics = trial.user_attrs.get("metrics") or {}
         rows.append({
             "trial": trial.number,
@@ -95,13 +93,18 @@ def experiment_yaml(overrides: list[str], header: str) -> str:
     return f"# @package _global_\n{header}" + "\n".join(lines) + "\n"
 
 
+def best_experiment_name(spec: SweepSpec) -> str:
+    """`best_<study>`: the experiment option best.yaml is exported as (`train.py experiment=best_<study>`)."""
+    return "best_" + re.sub(r"[^A-Za-z0-9_]+", "_", spec.study["study_name"]).strip("_")
+
+
 def write_best_yaml(study: optuna.Study, spec: SweepSpec) -> Path | None:
     """best.yaml in the sweep folder, and a copy in sweep.export_dir as best_<study>.yaml."""
     best = best_trial(study)
     if best is None:
         return None
     overrides = [*spec.base_overrides, *spec.space().fixed, *to_overrides(best.params)]
-    name = "best_" + re.sub(r"[^A-Za-z0-9_]+", "_", spec.study["study_name"]).strip("_")
+    name = best_experiment_name(spec)
     header = (f"# Best trial ({best.number}, {spec.study['metric']} {best.value:.4f}) of Optuna study "
               f"{spec.study['study_name']!r}, written by sweep.py.\n"
               f"# Re-run it: python train.py experiment={name}\n"
@@ -176,7 +179,7 @@ def summarize(study: optuna.Study, spec: SweepSpec) -> tuple[pd.DataFrame, list[
     if best is not None:
         best_file = write_best_yaml(study, spec)
         files.append(best_file)
-        name = "best_" + re.sub(r"[^A-Za-z0-9_]+", "_", spec.study["study_name"]).strip("_")
+        name = best_experiment_name(spec)
         print(f"\nBest: trial {best.number}, {spec.study['metric']} {best.value:.4f}: {' '.join(to_overrides(best.params))}\n"
               f"  {best_file}" + (f"; re-run it with: python train.py experiment={name}" if spec.study.get("export_dir") else ""))
     files += write_plots(study, spec.dir / "plots")

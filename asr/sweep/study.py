@@ -194,7 +194,7 @@ def requeue_interrupted(study: optuna.Study, max_retry: int | None) -> int:
     """Trials stopped by Ctrl-C/SIGTERM are queued again, like a dead worker's: same parameters,
     resumed from their last checkpoint, and not counted against n_trials."""
     trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    retried = retried_numbers(trials)
     todo = [t for t in trials if t.state in (TrialState.FAIL, TrialState.RUNNING) and t.user_attrs.get(INTERRUPTED)
             and t.number not in retried]
     with warnings.catch_warnings():
@@ -219,9 +219,14 @@ def n_trials_total(spec: SweepSpec) -> int:
     raise ValueError("sweep.n_trials is null: set the study's total number of trials, e.g. sweep.n_trials=20")
 
 
+def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of trials that were queued again (dead worker, interrupt): their retry replaces them."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+
 def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """The trials that use the study's budget: all but re-queued dead ones and over-budget starts."""
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    retried = retried_numbers(trials)
     return [t for t in trials
             if not (t.state == TrialState.FAIL and (t.number in retried or t.user_attrs.get(OVER_BUDGET)))]
 
