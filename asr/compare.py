@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from asr import cli
+from asr.errors import UserError
 from asr.tracking import tracking_uri
 
 COLUMNS = ["best_eval_wer", "test_wer", "test_cer", "runtime_min", "status"]
@@ -24,11 +27,16 @@ COLUMNS = ["best_eval_wer", "test_wer", "test_cer", "runtime_min", "status"]
 def find_sweep(client: MlflowClient, sweep_id: str) -> Run:
     """The parent run of a sweep; `latest` = the most recently started one in any experiment."""
     if sweep_id != "latest":
-        return client.get_run(sweep_id)
+        try:
+            return client.get_run(sweep_id)
+        except MlflowException as err:
+            raise UserError(f"no run {sweep_id} in {client.tracking_uri}. Fix: pass a sweep's parent run id "
+                            "(the sweep_id tag), or latest") from err
     experiments = [e.experiment_id for e in client.search_experiments()]
     parents = client.search_runs(experiments, "tags.sweep_role = 'parent'", order_by=["attributes.start_time DESC"], max_results=1)
     if not parents:
-        raise SystemExit(f"no sweep found in {client.tracking_uri}; run one with `python train.py -m ...`")
+        raise UserError(f"no sweep found in {client.tracking_uri}. Fix: run one (python train.py -m ... or python sweep.py), "
+                        "or point --uri / MLFLOW_TRACKING_URI at the store that has it")
     return parents[0]
 
 
@@ -130,4 +138,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

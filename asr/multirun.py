@@ -28,6 +28,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from asr.cli import fail
 from asr.compare import plot_name, plot_sweep, summary_table
 from asr.compare import swept_keys as table_swept_keys
 from asr.tracking import SweepJob, TrackingUnavailableError, connect, git_state, set_sweep_job
@@ -81,7 +82,7 @@ class MlflowMultirunCallback(Callback):
             client, experiment_id = connect(config.tracking)
         except TrackingUnavailableError as err:
             # Hydra turns a callback's exceptions into warnings and would start every job anyway.
-            raise SystemExit(f"Not starting the sweep: {err}") from err
+            fail(f"not starting the sweep: {err}")
         keys = sweep_keys(overrides)
         swept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in keys]
         name = f"{' '.join(swept) or 'multirun'} @ {datetime.now():%Y-%m-%d %H:%M}"

@@ -22,12 +22,15 @@ from mlflow.utils.time import get_current_time_millis
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
+from asr.errors import UserError
 from asr.paths import REPO_DIR
 
 log = logging.getLogger(__name__)
 
 PARAM_VALUE_LIMIT = 500  # MLflow accepts 6000 characters; long lists are unreadable in the UI anyway
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, judges); ours are model training
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -62,7 +65,7 @@ def git_state() -> dict[str, str]:
         return {"git_sha": "unknown", "git_dirty": "unknown"}
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(UserError, RuntimeError):
     """The MLflow tracking server cannot be reached; raised before any training starts."""
 
 
@@ -74,7 +77,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
     except OSError as err:
         raise TrackingUnavailableError(
-            f"MLflow tracking server {uri} is not reachable ({err}). Fix: start it (README: 'Tracking server'), "
+            f"MLflow tracking server {uri} is not reachable ({err}). Fix: start it (docs/cluster.md, 'Tracking server'), "
             "correct MLFLOW_TRACKING_URI / tracking.uri, or train without tracking: tracking.enabled=false"
         ) from err
 
@@ -86,11 +89,14 @@ def connect(tracking_cfg: DictConfig) -> tuple[MlflowClient, str]:
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(tracking_cfg.experiment)
     if experiment is not None:
+        if not set(EXPERIMENT_KIND) <= set(experiment.tags):
+            for key, value in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return client, experiment.experiment_id
     # Keep artifacts next to the default store, not in whatever cwd the job ran from.
     location = (REPO_DIR / "mlruns").as_uri() if uri.startswith("sqlite:///") and not tracking_cfg.uri else None
     try:
-        return client, client.create_experiment(tracking_cfg.experiment, artifact_location=location)
+        return client, client.create_experiment(tracking_cfg.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
     except MlflowException:  # a parallel job created it first
         return client, client.get_experiment_by_name(tracking_cfg.experiment).experiment_id
 

@@ -25,6 +25,7 @@ from asr.batching import PadPolicy
 from asr.collator import CTCCollator
 from asr.data import fingerprint, load_splits
 from asr.data.text import NORMALIZATION_VERSION
+from asr.errors import ConfigError, UserError
 from asr.features import build_processor, build_vocab, extract_features, normalize_splits
 from asr.inference import CTCTrainer
 from asr.metrics import argmax_logits, decode_predictions, make_compute_metrics
@@ -44,7 +45,7 @@ def resolve_precision(precision: str) -> dict[str, bool]:
         log.warning("trainer.precision=%s needs a CUDA GPU; training in fp32 on this machine", precision)
         precision = "fp32"
     if precision not in ("fp32", "fp16", "bf16"):
-        raise ValueError(f"trainer.precision={precision!r}: choose auto, fp32, fp16 or bf16")
+        raise ConfigError(f"trainer.precision={precision!r} is not a precision. Fix: trainer.precision=auto, fp32, fp16 or bf16")
     return {"fp16": precision == "fp16", "bf16": precision == "bf16"}
 
 
@@ -217,7 +218,8 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] = (),
             tracker.set_tag("dataset_fingerprint", fingerprint(splits, settings))
             tracker.set_tag("split_sizes", " ".join(f"{name}={len(rows)}" for name, rows in splits.items()))
             model = build_model(cfg.model, cfg.regularization, processor.tokenizer, cfg.trainer.get("attn_implementation"))
-            features, audit = run_audit(features, cfg.audit, model.config, work_dir / "data_audit.json")
+            features, audit = run_audit(features, cfg.audit, model.config, work_dir / "data_audit.json",
+                                        allow_missing=cfg.dataset.get("allow_missing_audio", False))
             tracker.log_metrics({"audit_quarantined": audit["quarantined"], **{f"audit_{k}": v for k, v in audit["by_reason"].items()}}, step=0)
             tracker.log_artifact(output_dir / "data_audit.json")
             metrics = _train_and_test(cfg, output_dir, model, features, processor, tracker, callbacks, resume_from_checkpoint, rank)
@@ -229,7 +231,7 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] = (),
             tracker.end("KILLED")
             raise
         except Exception as err:
-            tracker.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
+            tracker.set_tag("error", (str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}")[:5000])
             tracker.end("FAILED")
             raise
     tracker.end("FINISHED")

@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 from transformers import pipeline
 
+from asr import cli
 from asr.data.audio import AudioDecodeError, load_audio
+from asr.errors import ConfigError
 from asr.inference import load_model
 
 
@@ -40,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: cuda when available)")
     args = parser.parse_args(argv)
 
+    if not (Path(args.model_dir) / "config.json").is_file():
+        raise ConfigError(f"{args.model_dir} is not a saved model (no config.json). Fix: pass a run's model folder, "
+                          "e.g. outputs/<date>/<time>/model")
     asr = build_pipeline(args.model_dir, args.device)
     rate = asr.feature_extractor.sampling_rate
     failed = 0
@@ -62,5 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def entry() -> None:
+    """`python -m asr.transcribe` and the `asr-transcribe` command."""
+    sys.exit(cli.run(main))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

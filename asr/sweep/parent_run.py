@@ -33,7 +33,7 @@ def _client(spec: SweepSpec) -> tuple[MlflowClient, str]:
     try:
         return connect(OmegaConf.create(spec.tracking))
     except TrackingUnavailableError as err:
-        raise SystemExit(f"Not starting the sweep: {err}") from err
+        raise TrackingUnavailableError(f"not starting the sweep: {err}") from err
 
 
 def safe_url(url: str) -> str:
