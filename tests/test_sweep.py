@@ -308,3 +308,34 @@ def test_train_py_multirun_with_the_optuna_sweeper_plugin_and_submitit_workers(t
     assert json.loads((tmp_path / "study" / "trial_0000" / "mlflow_run.json").read_text())["run_id"] in {c.info.run_id for c in children}
     job_logs = list((tmp_path / "study" / "submitit").glob("*/*_log.err"))
     assert len(job_logs) == 2 and all("joins study 'plugin'" in log.read_text() for log in job_logs)
+
+
+# ---- the command line against the study file ----------------------------------------------------
+
+def test_a_command_line_value_wins_over_the_study_files_fixed_value():
+    """`python sweep.py trainer.eval_steps=10`: cpu_demo fixes eval_steps 100, the user's 10 must win."""
+    args = ["trainer.eval_steps=10"]
+    spec = spec_for(args)
+    overrides = spec.trial_overrides({"trainer.lr": 1e-3})
+    assert "trainer.eval_steps=100" not in overrides and overrides.count("trainer.eval_steps=10") == 1
+    from asr.sweep.study import compose_train_config
+
+    cfg = compose_train_config(overrides)
+    assert cfg.trainer.eval_steps == 10 and cfg.trainer.epochs == 3 and cfg.trainer.lr == 1e-3
+
+
+def test_a_command_line_value_for_a_swept_key_is_refused_with_the_fix():
+    with pytest.raises(SearchSpaceError, match=r"trainer.lr is searched by the study.*sweep.params.trainer.lr"):
+        spec_for(["trainer.lr=1e-3"])
+
+
+def test_one_search_space_entry_changed_added_or_removed_from_the_command_line():
+    """The documented forms: sweep.params.<key>=<value> fixes a key, a quoted range changes one,
+    + adds one, ~ removes one; the rest of the study file's space stays."""
+    spec = spec_for(["sweep.params.trainer.eval_steps=10", "sweep.params.trainer.lr='choice(1e-3, 2e-3)'",
+                     "+sweep.params.trainer.weight_decay='interval(0.0, 0.1)'", "~sweep.params.trainer.warmup_steps"])
+    space = spec.space()
+    assert space.distributions["trainer.lr"] == CategoricalDistribution([1e-3, 2e-3])
+    assert space.distributions["trainer.weight_decay"] == FloatDistribution(0.0, 0.1)
+    assert "trainer.warmup_steps" not in space.distributions and "regularization.mask_time_prob" in space.distributions
+    assert "trainer.eval_steps=10" in space.fixed and "trainer.epochs=3" in space.fixed

@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from asr.paths import REPO_DIR
 from asr.sweep.pruning import OptunaPruningCallback, build_pruner
-from asr.sweep.space import SearchSpace, format_value, parse_space, to_overrides
+from asr.sweep.space import SearchSpace, SearchSpaceError, format_value, parse_space, to_overrides
 from asr.tracking import SweepJob, set_sweep_job, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,24 @@ class SweepSpec:
             self.search_space = parse_space(self.study["params"])
         return self.search_space
 
+    def trial_overrides(self, params: dict[str, Any] | None = None) -> list[str]:
+        """What a trial passes to train.py's config: the study file's fixed values, then the sweep's
+        command line (it wins over the file), then the sampled values."""
+        given = {override_key(line) for line in self.base_overrides}
+        fixed = [line for line in self.space().fixed if override_key(line) not in given]
+        return [*fixed, *self.base_overrides, *to_overrides(params or {})]
+
+    def check_command_line(self) -> None:
+        """A command-line value for a swept key would be silently replaced by the sampled one: refuse it."""
+        swept = set(self.space().distributions)
+        clash = sorted({override_key(line) for line in self.base_overrides} & swept)
+        if clash:
+            key = clash[0]
+            raise SearchSpaceError(
+                f"{', '.join(clash)} is searched by the study (sweep.params), so a value for it on the command line "
+                f"would be ignored. Fix: drop it from the command line, change its range with "
+                f"\"sweep.params.{key}='<range>'\", or fix it for every trial with sweep.params.{key}=<value>")
+
     def save(self, path: Path) -> None:
         data = {k: v for k, v in asdict(self).items() if k != "search_space"}
         path.write_text(json.dumps(data, indent=2))
@@ -74,6 +92,11 @@ class SweepSpec:
         return cls(**json.loads(Path(path).read_text()))
 
 
+def override_key(line: str) -> str:
+    """`trainer.lr` of `trainer.lr=1e-3`, `+trainer.extra.x=1`, `~trainer.x`, `model=tiny`."""
+    return line.split("=", 1)[0].lstrip("+~")
+
+
 def train_overrides(task_overrides: list[str]) -> list[str]:
     """The sweep command line minus the study's own settings: what every trial passes to train.py's config."""
     return [o for o in task_overrides if not o.lstrip("+~").startswith(("sweep", "hydra"))]
@@ -81,8 +104,10 @@ def train_overrides(task_overrides: list[str]) -> list[str]:
 
 def spec_from_config(cfg: DictConfig, task_overrides: list[str]) -> SweepSpec:
     """sweep.py's composed config (conf/study.yaml) + its command line → the spec its workers share."""
-    return SweepSpec(study=OmegaConf.to_container(cfg.sweep, resolve=True), base_overrides=train_overrides(list(task_overrides)),
+    spec = SweepSpec(study=OmegaConf.to_container(cfg.sweep, resolve=True), base_overrides=train_overrides(list(task_overrides)),
                      tracking=OmegaConf.to_container(cfg.tracking, resolve=True))
+    spec.check_command_line()
+    return spec
 
 
 # ---- storage and study ------------------------------------------------------------------------
@@ -161,7 +186,7 @@ def load_study(spec: SweepSpec, worker: int = 0) -> optuna.Study:
     """The study (created on first use). Each worker seeds its sampler with seed + worker index:
     workers sharing one seed would propose identical trials while the study is still random."""
     if spec.eval_steps is None:
-        spec.eval_steps = int(compose_train_config([*spec.base_overrides, *spec.space().fixed]).trainer.eval_steps)
+        spec.eval_steps = int(compose_train_config(spec.trial_overrides()).trainer.eval_steps)
     cfg = spec.cfg
     study = optuna.create_study(
         study_name=cfg.study_name,
@@ -302,7 +327,7 @@ def make_objective(spec: SweepSpec, train_fn=None):
         run_training = train_fn or training.run
         _check_budget(trial, spec)
         params = {key: suggest(trial, key, dist) for key, dist in space.distributions.items()}
-        overrides = [*spec.base_overrides, *space.fixed, *to_overrides(params)]
+        overrides = spec.trial_overrides(params)
         out = trial_dir(spec, trial.number)
         trial.set_user_attr("output_dir", str(out))
         resume = _resume_checkpoint(trial, spec)
