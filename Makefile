@@ -40,8 +40,8 @@ test-all: setup  ## run every test, slow ones included
 ui: setup  ## serve the MLflow UI for ./mlflow.db on http://127.0.0.1:$(PORT)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(PORT)
 
-compare: setup  ## print the latest sweep's jobs sorted by WER (SWEEP=<sweep id> for another one)
-	$(BIN)/python -m asr.compare $(or $(SWEEP),latest)
+compare: setup  ## print the latest grid's or study's jobs sorted by WER (SWEEP=<sweep id> for another one)
+	$(BIN)/python -m asr.sweep_summary $(or $(SWEEP),latest)
 
 clean:  ## delete run outputs and caches (keeps .venv, mlflow.db and the generated corpus)
 	rm -rf outputs multirun data/cache

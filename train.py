@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 import asr  # noqa: F401  (thread policy; registers the ${repo_dir:} resolver used in conf/)
 from asr import cli
+from asr.multirun import sweep_job
 from asr.training import run
 
 
@@ -17,7 +18,7 @@ from asr.training import run
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     with cli.user_errors():
-        metrics = run(cfg, hydra_cfg.runtime.output_dir, overrides=hydra_cfg.overrides.task)
+        metrics = run(cfg, hydra_cfg.runtime.output_dir, overrides=hydra_cfg.overrides.task, sweep_job=sweep_job(hydra_cfg))
     return metrics[cfg.optimized_metric]
 
 

@@ -108,7 +108,7 @@ def run_audit(features: DatasetDict, cfg: DictConfig, model_config: Wav2Vec2Bert
 def main(cfg: DictConfig) -> int:
     """The audit alone: decodes and checks everything (caching the features for training), trains nothing."""
     from asr.model import shape_config
-    from asr.training import prepare
+    from asr.prepare import prepare
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     with cli.user_errors():

@@ -22,12 +22,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import asr  # noqa: F401  (registers ${repo_dir:})
 from asr import cli
 from asr.audit import run_audit
-from asr.data import load_splits
 from asr.errors import ConfigError
-from asr.features import extract_features, normalize_splits
-from asr.inference import load_model, transcribe_features
+from asr.inference import load_model, read_predictions, transcribe_features, write_predictions
 from asr.metrics import error_rates
-from asr.scoring import (bootstrap_rates, char_confusions, confidence_interval, paired_difference, per_speaker,
+from asr.prepare import features_for, load_normalised
+from asr.bootstrap import (bootstrap_rates, char_confusions, confidence_interval, paired_difference, per_speaker,
                          utterance_counts, verdict)
 from asr.tracking import MlflowRun, tracking_uri
 
@@ -123,9 +122,9 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict:
     model_dir, dataset_cfg, audit_cfg, train_run_id = resolve_source(cfg)
     with open_dict(cfg):  # the evaluation is filed in the training run's experiment (asr-${dataset.name})
         cfg.dataset = dataset_cfg
-    splits = normalize_splits(load_splits(dataset_cfg), dataset_cfg.text)
+    splits = load_normalised(dataset_cfg)
     model, processor = load_model(model_dir)
-    features = extract_features(splits, processor, dataset_cfg, Path(cfg.paths.cache_dir) / "features", only=(cfg.split,))
+    features = features_for(splits, processor, dataset_cfg, cfg.paths.cache_dir, only=(cfg.split,))
     split = run_audit(features, audit_cfg, model.config, output_dir / "data_audit.json",  # as training scored it
                       allow_missing=dataset_cfg.get("allow_missing_audio", False))[0][cfg.split]
     hyps = transcribe_features(model, processor, split, cfg.batch_size, desc=f"Transcribing {cfg.split}")
@@ -150,16 +149,7 @@ def _write(output_dir: Path, split_name: str, report: dict, split, refs: list[st
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     (output_dir / "report.md").write_text(report_markdown(report, f"{report['source']['dataset']} / {split_name}"), encoding="utf-8")
-    with (output_dir / f"predictions_{split_name}.jsonl").open("w", encoding="utf-8") as out:
-        for utt_id, speaker, ref, hyp in zip(split["id"], split["speaker"], refs, hyps):
-            out.write(json.dumps({"id": utt_id, "speaker": speaker, "reference": ref, "hypothesis": hyp}, ensure_ascii=False) + "\n")
-
-
-def read_predictions(folder: Path, split: str) -> dict[str, dict]:
-    path = folder / f"predictions_{split}.jsonl"
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist. Fix: evaluate that run first (python -m asr.evaluate run_dir={folder})")
-    return {row["id"]: row for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+    write_predictions(output_dir / f"predictions_{split_name}.jsonl", split["id"], split["speaker"], refs, hyps)
 
 
 def paired_comparison(folder_a: Path, folder_b: Path, split: str, bootstrap: DictConfig) -> dict:

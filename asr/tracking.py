@@ -103,7 +103,7 @@ def connect(tracking_cfg: DictConfig) -> tuple[MlflowClient, str]:
 
 @dataclass(frozen=True)
 class SweepJob:
-    """Set by the multirun callback (asr.multirun) or a sweep worker (asr.sweep): makes the run a child."""
+    """A run's place in a grid or study (asr.multirun for `-m`, asr.sweep for trials): makes it a child run."""
 
     parent_run_id: str
     job_num: int
@@ -111,21 +111,40 @@ class SweepJob:
     tags: dict[str, str] = field(default_factory=dict)  # e.g. optuna_study / optuna_trial
 
 
-_sweep_job: SweepJob | None = None
+def create_parent_run(client: MlflowClient, experiment_id: str, name: str, tags: dict[str, str],
+                      params: dict[str, object]) -> str:
+    """The parent run of a grid or a study: its jobs/trials become children (SweepJob), `sweep_id` = its id."""
+    run_id = client.create_run(experiment_id, run_name=name, tags={**git_state(), "sweep_role": "parent", **tags}).info.run_id
+    client.set_tag(run_id, "sweep_id", run_id)
+    client.log_batch(run_id, params=[Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in params.items()])
+    return run_id
 
 
-def set_sweep_job(job: SweepJob | None) -> None:
-    global _sweep_job
-    _sweep_job = job
+def close_parent_run(client: MlflowClient, run_id: str, status: str, metrics: dict[str, float], tags: dict[str, str],
+                     files: list[tuple[Path, str | None]] = ()) -> None:
+    """Summary files (path, artifact folder), best-job metrics and tags, then FINISHED / FAILED / KILLED."""
+    for path, folder in files:
+        if path and path.exists():
+            client.log_artifact(run_id, str(path), artifact_path=folder)
+    now = get_current_time_millis()
+    if metrics:
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
 
 
 class MlflowRun:
-    """A run in the configured store; every method is a no-op when tracking is disabled."""
+    """A run in the configured store; every method is a no-op when tracking is disabled.
 
-    def __init__(self, tracking_cfg: DictConfig, run_name: str, tags: dict[str, str]) -> None:
+    `sweep`: the grid job or study trial this run belongs to; the run is then filed as a child of
+    that grid's or study's parent run.
+    """
+
+    def __init__(self, tracking_cfg: DictConfig, run_name: str, tags: dict[str, str], sweep: SweepJob | None = None) -> None:
         self.client: MlflowClient | None = None
         self.run_id: str | None = None
-        self.sweep = _sweep_job
+        self.sweep = sweep
         if not tracking_cfg.enabled:
             return
         self.client, experiment_id = connect(tracking_cfg)
