@@ -360,5 +360,5 @@ def test_the_private_optuna_calls_work_on_the_installed_optuna(tmp_path):
     assert failed.state == TrialState.FAIL and failed.number == running.number
     mark_failed(study, running)  # a second time: a finished trial is left as it is
     RetryHeartbeatStaleTrialCallback(max_retry=2)(study, failed)  # re-queued as a dead worker's trial is
-    retry = study.ask()
+    retry = study.ask({"x": FloatDistribution(0, 1)})
     assert system_attrs(retry)["retry_history"] == [failed.number] and retry.params == failed.params
