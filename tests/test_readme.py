@@ -355,7 +355,7 @@ def test_make_compare(checkout, epoch_grid):
 @pytest.fixture(scope="module")
 def cpu_demo_study(checkout) -> Path:
     """`make sweep` at debug size: 2 trials of 30 steps on the default study's 2 workers."""
-    result = checkout.run("make sweep", FAST, "sweep.n_trials=2")
+    result = checkout.run("make sweep", FAST, "sweep.n_trials=2", "trainer.eval_steps=10")
     study_dir = checkout.root / "outputs" / "sweeps" / "cpu_demo-synthetic_ne-tiny"
     assert (study_dir / "leaderboard.csv").is_file(), result.stdout[-3000:]
     return study_dir
@@ -368,7 +368,7 @@ def test_make_sweep(checkout, cpu_demo_study):
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) == 2 and all(t.state.name in ("COMPLETE", "PRUNED") for t in finished)
     config = (cpu_demo_study / "trial_0000" / ".hydra" / "config.yaml").read_text()
-    assert re.search(r"\n  eval_steps: 10\n", config)  # debug=fast's 10 on the command line beats the study file's 100
+    assert re.search(r"\n  eval_steps: 10\n", config)  # the command line's 10 beats the study file's 100
     assert len(list((cpu_demo_study / "workers").glob("worker_*.log"))) == 2
 
 
