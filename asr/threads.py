@@ -9,7 +9,8 @@ therefore sleep instead of spinning (`OMP_WAIT_POLICY=PASSIVE`); benchmarks/thre
 measures the choice (busy-neighbour pace over idle pace, and the idle cost).
 
 Your own OMP_WAIT_POLICY or GOMP_SPINCOUNT, set in the environment, always wins.
-Thread counts: OMP_NUM_THREADS if set, else the CPUs SLURM gave the task, else every core
+Thread counts: OMP_NUM_THREADS if set, else the CPUs SLURM gave the task, else the launcher's
+`cpus_per_task` for jobs that share one machine (hydra/launcher=local_parallel), else every core
 (sweep workers sharing one machine get an equal share: asr.sweep.driver).
 """
 
@@ -28,3 +29,15 @@ def apply_policy(environ: dict[str, str] | None = None) -> None:
     cpus = env.get("SLURM_CPUS_PER_TASK")
     if "OMP_NUM_THREADS" not in env and cpus and cpus.isdigit():
         env["OMP_NUM_THREADS"] = cpus  # no cgroups on some clusters: torch would start a thread per core of the node
+
+
+def match_launcher(launcher_cfg) -> None:
+    """Jobs of hydra/launcher=local_parallel run side by side on one machine, and submitit's local
+    executor does not limit them: each uses the launcher's `cpus_per_task` threads."""
+    if "OMP_NUM_THREADS" in os.environ or "LocalLauncher" not in str(launcher_cfg.get("_target_", "")):
+        return
+    cpus = launcher_cfg.get("cpus_per_task")
+    if cpus:
+        import torch
+
+        torch.set_num_threads(int(cpus))
