@@ -16,7 +16,7 @@ import asr  # noqa: F401  (thread policy; registers the ${repo_dir:} resolver us
 from asr import cli
 from asr.sweep import run_study
 from asr.sweep.report import best_trial
-from asr.sweep.study import spec_from_config
+from asr.sweep.spec import spec_from_config
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="study")

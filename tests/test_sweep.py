@@ -28,7 +28,8 @@ from asr.sweep import run_study
 from asr.sweep.report import experiment_yaml, leaderboard
 from asr.sweep.space import SearchSpaceError, parse_space, split_sweep_overrides
 from asr.sweep.storage import open_storage, storage_url
-from asr.sweep.study import load_study, spec_from_config, work
+from asr.sweep.spec import spec_from_config
+from asr.sweep.study import load_study, work
 from asr.tracking import tracking_uri
 from conftest import SMALL_CORPUS, compose_cfg
 

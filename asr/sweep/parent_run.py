@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 
 from asr.sweep.space import flatten_params
 from asr.sweep.storage import safe_url, storage_url
-from asr.sweep.study import SweepSpec, n_trials_total
+from asr.sweep.spec import SweepSpec
+from asr.sweep.study import n_trials_total
 from asr.tracking import TrackingUnavailableError, close_parent_run, connect, create_parent_run
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from asr.sweep.space import to_overrides
-from asr.sweep.study import CONF_DIR, SweepSpec, counted
+from asr.sweep.spec import SweepSpec
+from asr.sweep.study import CONF_DIR, counted
 
 log = logging.getLogger(__name__)
 
