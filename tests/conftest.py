@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -49,18 +52,16 @@ LEARNING_RUN = [
     "trainer.eval_steps=50",
     "trainer.logging_steps=25",
     "+trainer.extra.eval_on_start=true",  # an eval at step 0: the untrained CER
-    "tracking.experiment=test-learning",
 ]
 
 
 @pytest.fixture(scope="session")
 def learned(tmp_path_factory):
-    """One real 300-step training run on the small corpus, shared by the tests that need a model."""
-    from asr import training
-
+    """One real 300-step run of `python train.py` on the small corpus, shared by the tests that need a model:
+    (its composed config, its run folder, its metrics.json)."""
     output_dir = tmp_path_factory.mktemp("run")
-    cfg = compose_cfg(*LEARNING_RUN)
-    (output_dir / ".hydra").mkdir()
-    OmegaConf.save(cfg, output_dir / ".hydra" / "config.yaml")  # as train.py's Hydra run would
-    metrics = training.run(cfg, output_dir, overrides=LEARNING_RUN[-4:])
-    return cfg, output_dir, metrics
+    result = subprocess.run([sys.executable, str(REPO_DIR / "train.py"), *LEARNING_RUN, f"hydra.run.dir={output_dir}"],
+                            cwd=output_dir, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    cfg = OmegaConf.load(output_dir / ".hydra" / "config.yaml")
+    return cfg, output_dir, json.loads((output_dir / "metrics.json").read_text())

@@ -25,7 +25,7 @@ from conftest import SESSION_DIR, compose_cfg
 
 
 def _eval_cfg(*overrides: str):
-    return compose_cfg(*overrides, f"paths.cache_dir={SESSION_DIR / 'cache'}", "tracking.experiment=test-evaluate",
+    return compose_cfg(*overrides, f"paths.cache_dir={SESSION_DIR / 'cache'}",
                        config_name="evaluate")
 
 

@@ -67,7 +67,7 @@ def test_mlflow_run_holds_config_curves_and_artifacts(learned):
     cfg, output_dir, metrics = learned
     client, run = _training_run(output_dir)
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == " ".join(LEARNING_RUN[-4:])  # named after the command-line overrides
+    assert run.info.run_name == " ".join(LEARNING_RUN)  # named after the command-line overrides
     assert run.data.params["trainer.lr"] == str(cfg.trainer.lr)
     assert run.data.params["model.config.hidden_size"] == "96"
     assert "per_device_train_batch_size" not in run.data.params  # HF's 170 params are not logged
