@@ -89,7 +89,8 @@ def test_evaluate_reproduces_the_runs_test_wer(learned, tmp_path):
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     training_run = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
-    runs = client.search_runs([client.get_experiment_by_name("test-evaluate").experiment_id], f"tags.evaluates_run_id = '{training_run}'")
+    experiment = client.get_run(training_run).info.experiment_id  # filed beside the training run
+    runs = client.search_runs([experiment], f"tags.evaluates_run_id = '{training_run}'")
     assert runs and runs[0].data.metrics["test_wer"] == report["wer"]
 
 
