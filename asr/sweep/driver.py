@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
+from asr.cluster.jobs import wait_all
 from asr.sweep.parent_run import close_parent, open_parent, safe_url
 from asr.sweep.report import summarize
 from asr.sweep.study import SweepSpec, enqueue_grid, load_study, n_trials_total, requeue_interrupted, storage_url, work
@@ -92,10 +93,8 @@ def run_submitit_workers(spec_path: Path, workers: int, launcher: DictConfig) ->
     jobs = executor.map_array(worker_main, [str(spec_path)] * workers, list(range(workers)), [threads] * workers)
     log.info("submitted %d workers: %s", workers, ", ".join(job.job_id for job in jobs))
     try:
-        for job in jobs:
-            try:
-                job.result()
-            except Exception as err:  # noqa: BLE001  (one lost worker must not hide the others' results)
+        for job, _, err in wait_all(jobs):  # also returns for a job cancelled or killed before writing its result
+            if err is not None:  # one lost worker must not hide the others' results; its trial is re-queued
                 log.error("worker job %s failed: %s", job.job_id, err)
     except BaseException:
         for job in jobs:
