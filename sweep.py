@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import asr  # noqa: F401  (registers the ${repo_dir:} resolver used in conf/)
+from asr.plan import print_study_plan
 from asr.sweep import run_study
 from asr.sweep.report import best_trial
 from asr.sweep.study import spec_from_config
@@ -22,6 +23,8 @@ from asr.sweep.study import spec_from_config
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     spec = spec_from_config(cfg, hydra_cfg.overrides.task)
+    if cfg.sweep.plan:  # the trials' configs checked and their GPU-hours, nothing started
+        raise SystemExit(print_study_plan(spec))
     launcher = hydra_cfg.launcher if "submitit" in str(hydra_cfg.launcher.get("_target_", "")) else None
     best = best_trial(run_study(spec, launcher, report_only=cfg.sweep.report_only))
     return best.value if best else None

@@ -38,18 +38,22 @@ def queue_states(job_ids: list[str]) -> dict[str, str] | None:
     return dict(line.split("|", 1) for line in out.stdout.split() if "|" in line)
 
 
-def wait_all(jobs: list, poll_s: float = 5.0, grace_s: float = 15.0) -> list[tuple[Any, Any, BaseException | None]]:
+def wait_all(jobs: list, poll_s: float = 1.0, queue_poll_s: float = 5.0, grace_s: float = 15.0) -> list[tuple[Any, Any, BaseException | None]]:
     """(job, result, error) per job once every job has a result or is gone from SLURM's queue.
 
+    Result files are looked for every `poll_s` seconds, squeue is asked every `queue_poll_s`;
     `grace_s`: how long a job may be out of the queue before its result file must exist (a shared
-    filesystem can show it late). Jobs of submitit's local executor are waited for as submitit does.
+    filesystem can show it late; submitit itself waits 15 s). Jobs of submitit's local executor
+    are waited for as submitit does.
     """
     outcomes: dict[str, tuple[Any, Any, BaseException | None]] = {}
     left_queue: dict[str, float] = {}
     slurm = any(type(job).__name__ == "SlurmJob" for job in jobs)
+    states, asked = None, float("-inf")
     while len(outcomes) < len(jobs):
         pending = [job for job in jobs if job.job_id not in outcomes]
-        states = queue_states([job.job_id for job in pending]) if slurm else None
+        if slurm and time.monotonic() - asked >= queue_poll_s:
+            states, asked = queue_states([job.job_id for job in pending]), time.monotonic()
         for job in pending:
             if job.paths.result_pickle.exists() or (not slurm and job.done()):  # SLURM: never ask sacct
                 outcomes[job.job_id] = _outcome(job)
