@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
           "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}  # squeue states of a job that may still write its result
+KILLED = {"CANCELLED", "TIMEOUT", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}  # never will
 
 
 class JobLostError(RuntimeError):
@@ -64,10 +65,11 @@ def wait_all(jobs: list, poll_s: float = 1.0, queue_poll_s: float = 5.0, grace_s
             since = left_queue.setdefault(job.job_id, time.monotonic())
             if job.paths.result_pickle.exists():
                 outcomes[job.job_id] = _outcome(job)
-            elif time.monotonic() - since > grace_s:
+            elif states.get(job.job_id) in KILLED or time.monotonic() - since > grace_s:
                 state = states.get(job.job_id, "no longer listed by squeue")
-                outcomes[job.job_id] = (job, None, JobLostError(
-                    f"job {job.job_id} ended without a result ({state}); its log: {job.paths.stdout}"))
+                lost = JobLostError(f"job {job.job_id} ended without a result ({state}); its log: {job.paths.stdout}")
+                log.warning("%s", lost)
+                outcomes[job.job_id] = (job, None, lost)
         if len(outcomes) < len(jobs):
             time.sleep(poll_s)
     return [outcomes[job.job_id] for job in jobs]

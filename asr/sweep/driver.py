@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from asr.cluster.jobs import wait_all
 from asr.sweep.parent_run import close_parent, open_parent, safe_url
 from asr.sweep.report import summarize
-from asr.sweep.study import SweepSpec, enqueue_grid, load_study, n_trials_total, requeue_interrupted, storage_url, work
+from asr.sweep.study import (FINISHED, SweepSpec, counted, enqueue_grid, load_study, n_trials_total, requeue_interrupted,
+                             storage_url, work)
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,11 @@ def run_study(spec: SweepSpec, launcher: DictConfig | None = None, report_only: 
     log.info("Study %r in %s: %d trials in all, %d worker(s); resume any time with the same command",
              study.study_name, safe_url(storage_url(spec.study)), total, workers)
     status = "FAILED"
+    finished = sum(t.state in FINISHED for t in counted(study.get_trials(deepcopy=False)))
     try:
-        if launcher is not None and "submitit" in launcher.get("_target_", ""):
+        if finished >= total:  # a rerun of a finished study: no worker (or SLURM job) to start
+            log.info("Study %r already holds its %d trials; nothing to run", study.study_name, total)
+        elif launcher is not None and "submitit" in launcher.get("_target_", ""):
             run_submitit_workers(spec_path, workers, launcher)
         elif workers > 1:
             run_local_workers(spec_path, workers)
