@@ -9,12 +9,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import asr  # noqa: F401  (registers the ${repo_dir:} resolver used in conf/)
+from asr.plan import print_plan
 from asr.training import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
+    if cfg.plan:  # plan=true: this run's config check and GPU-hours, no training (-m grids: asr.plan.PlanCallback)
+        raise SystemExit(print_plan([("0", list(hydra_cfg.overrides.task), [])], "Plan of `train.py`"))
     metrics = run(cfg, hydra_cfg.runtime.output_dir, overrides=hydra_cfg.overrides.task)
     return metrics[cfg.optimized_metric]
 

@@ -233,10 +233,17 @@ class PlanCallback(Callback):
             return
         from asr.multirun import sweep_overrides
 
+        if "asr_optuna_sweeper" in str(config.hydra.sweeper.get("_target_", "")):
+            print("error: plan=true plans Hydra grids; for an Optuna study use `python sweep.py ... sweep.plan=true`", file=sys.stderr)
+            raise SystemExit(1)
         overrides = [o for o in sweep_overrides(config) if o.split("=", 1)[0] != "plan"]
         launcher = config.hydra.launcher.get("_target_", "").rsplit(".", 1)[-1]
-        code = print_plan(grid_jobs(overrides), f"Plan of `train.py -m` ({launcher}): {' '.join(overrides)}")
-        raise SystemExit(code)
+        try:
+            jobs = grid_jobs(overrides)
+        except Exception as err:  # noqa: BLE001  (e.g. interval() sweeps, which only the Optuna sweeper takes)
+            print(f"error: cannot list the grid's jobs: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+        raise SystemExit(print_plan(jobs, f"Plan of `train.py -m` ({launcher}): {' '.join(overrides)}"))
 
 
 def study_jobs(spec) -> tuple[list[tuple[str, list[str], list[str]]], int, str]:

@@ -100,7 +100,7 @@ def test_make_sweep_on_slurm_with_postgresql(cluster, tmp_path):
     import optuna
 
     env = {**cluster, "MLFLOW_EXPERIMENT_NAME": "cluster-sweep"}
-    args = " ".join([*SLURM[1:], *sweep_cmd("cluster_sweep", tmp_path / "sweep", "sweep.n_trials=4",
+    args = " ".join([*SLURM[1:], *sweep_cmd("cluster_sweep", tmp_path / "sweep", "sweep.n_trials=4", "trainer.max_steps=20",
                                               "sweep.pruner.n_startup_trials=1", "sweep.pruner.warmup_evals=1")])
     started = time.monotonic()
     run(["make", "sweep", "LAUNCHER=slurm", f"STORAGE={cluster['OPTUNA_STORAGE']}", f"ARGS={args}"], env)

@@ -8,7 +8,9 @@ import re
 import subprocess
 import sys
 
-from conftest import compose_cfg
+import pytest
+from conftest import CONF_DIR, compose_cfg
+from hydra import compose, initialize_config_dir
 
 from asr.paths import REPO_DIR
 
@@ -40,22 +42,43 @@ def test_seed_grid_on_openslr54_plans_near_140_gpu_hours(tmp_path):
     assert "nothing submitted" in out and not (sweep_dir / ".submitit").exists()
 
 
-def test_plan_names_a_job_that_does_not_compose(tmp_path):
-    proc = plan("train.py", "-m", "model=tiny,no_such_model", "plan=true", f"hydra.sweep.dir={tmp_path / 'm'}",
-                tmp_path=tmp_path, expect=1)
-    assert re.search(r"^1\s+model=no_such_model\s+ERROR", proc.stdout, re.M), proc.stdout
-    assert proc.stderr.strip().splitlines()[-1] == "error: 1 job(s) do not compose (see the table); nothing submitted"
+@pytest.fixture
+def no_tracking(monkeypatch):
+    """No tracking server (refused at once): the plan uses our measured table."""
+    from asr.plan import _tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    _tracking.cache_clear()
+    yield
+    _tracking.cache_clear()
 
 
-def test_sweep_plan_is_an_upper_bound(tmp_path):
-    out = plan("sweep.py", "sweep=lr_epochs", "experiment=seed", "dataset=openslr54", "sweep.plan=true",
-               f"sweep.dir={tmp_path / 'study'}", tmp_path=tmp_path).stdout
-    assert "upper bound" in out and "x40 trials" in out and "trainer.epochs=40" in out
+def test_plan_names_a_job_that_does_not_compose(no_tracking, capsys):
+    from asr.plan import grid_jobs, print_plan
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        code = print_plan(grid_jobs(["model=tiny,no_such_model", "debug=fast"]), "plan")
+    out, err = capsys.readouterr()
+    assert code == 1 and re.search(r"^1\s+model=no_such_model\s+ERROR", out, re.M), out
+    assert err.strip() == "error: 1 job(s) do not compose (see the table); nothing submitted"
+
+
+def test_sweep_plan_is_an_upper_bound(no_tracking, capsys, tmp_path):
+    from asr.plan import print_study_plan
+    from asr.sweep.study import spec_from_config
+
+    overrides = ["sweep=lr_epochs", "experiment=seed", "dataset=openslr54", "sweep.plan=true", f"sweep.dir={tmp_path / 'study'}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="study", overrides=overrides)
+        assert cfg.sweep.plan is True
+        code = print_study_plan(spec_from_config(cfg, overrides))
+    out = capsys.readouterr().out
+    assert code == 0 and "upper bound" in out and "x40 trials" in out and "trainer.epochs=40" in out
     assert total(out) > total(out, "with trainer=gpu_fast:") > 0
-    assert not (tmp_path / "study" / "optuna.db").exists()  # no study created, no worker started
+    assert not (tmp_path / "study").exists()  # no study created, no worker started
 
 
-def test_plan_prefers_mlflow_runs_of_the_same_settings(tmp_path, monkeypatch):
+def test_plan_prefers_mlflow_runs_of_the_same_settings(tmp_path, monkeypatch, no_tracking):
     """An earlier run's measured throughput (train_audio_seconds_per_second) beats the table."""
     from mlflow.tracking import MlflowClient
 
