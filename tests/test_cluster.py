@@ -23,6 +23,9 @@ from conftest import SMALL_CORPUS
 from asr.cluster.local import LocalCluster, missing
 from asr.paths import REPO_DIR
 
+if (UNAVAILABLE := missing()) is not None:  # one line for the whole file, naming the packages to install
+    pytest.skip(UNAVAILABLE, allow_module_level=True)
+
 # What a user adds on a small cluster: its partition, and what one job may ask of a 2-core node.
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2"]
 
@@ -30,8 +33,6 @@ SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launch
 @pytest.fixture(scope="session")
 def cluster() -> dict[str, str]:
     """The environment a user exports after `python -m asr.cluster.local up` (plus the test session's own)."""
-    if reason := missing():
-        pytest.skip(reason)
     base = Path(tempfile.mkdtemp(prefix="asr-cluster-"))
     local = LocalCluster(base)
     atexit.register(local.down)  # also when the session dies before the fixture's teardown
