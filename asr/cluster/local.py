@@ -216,7 +216,7 @@ class LocalCluster:
                 time.sleep(0.3)
         for name, pid in self.pids.items():  # SIGINT: PostgreSQL's fast shutdown (SIGTERM waits for its clients)
             _signal(pid, signal.SIGINT if name == "postgres" else signal.SIGTERM, group=name == "mlflow")  # MLflow: its workers too
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 5  # then SIGKILL: the MLflow server waits for its clients' keep-alive connections
         for name, pid in self.pids.items():
             while _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
