@@ -7,6 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PORT   ?= 5000
 ARGS   ?=
+# make sweep on a cluster: LAUNCHER=slurm (hydra/launcher=...), STORAGE=<study storage URL> (sweep.storage=...)
+LAUNCHER ?=
+STORAGE  ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help setup train sweep test test-all lint format ui compare clean
@@ -28,8 +31,8 @@ setup:  ## create .venv with everything installed (TORCH=... to choose the torch
 train: setup  ## train on the built-in corpus (ARGS="trainer.epochs=2 ..." for Hydra overrides)
 	$(BIN)/python train.py $(ARGS)
 
-sweep: setup  ## Optuna study: TPE + median pruning on eval WER, 2 workers (ARGS="sweep=lr_epochs ..."); rerun to resume
-	$(BIN)/python sweep.py $(ARGS)
+sweep: setup  ## Optuna study: TPE + median pruning on eval WER, 2 workers (ARGS="sweep=lr_epochs ..."); rerun to resume; LAUNCHER=slurm STORAGE=postgresql+psycopg2://... for a cluster
+	$(BIN)/python sweep.py $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(if $(STORAGE),sweep.storage=$(STORAGE)) $(ARGS)
 
 test: setup  ## run the test suite (tests marked slow excluded)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" $(ARGS)

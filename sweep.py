@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 import asr  # noqa: F401  (thread policy; registers the ${repo_dir:} resolver used in conf/)
 from asr import cli
+from asr.plan import print_study_plan
 from asr.sweep import run_study
 from asr.sweep.report import best_trial
 from asr.sweep.spec import spec_from_config
@@ -24,6 +25,8 @@ def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     with cli.user_errors():
         spec = spec_from_config(cfg, hydra_cfg.overrides.task)
+        if cfg.sweep.plan:  # the trials' configs checked and their GPU-hours, nothing started
+            raise SystemExit(print_study_plan(spec))
         launcher = hydra_cfg.launcher if "submitit" in str(hydra_cfg.launcher.get("_target_", "")) else None
         best = best_trial(run_study(spec, launcher, report_only=cfg.sweep.report_only))
     return best.value if best else None

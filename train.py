@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 import asr  # noqa: F401  (thread policy; registers the ${repo_dir:} resolver used in conf/)
 from asr import cli, threads
 from asr.multirun import sweep_job
+from asr.plan import print_plan
 from asr.training import run
 
 
@@ -19,6 +20,8 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     threads.match_launcher(hydra_cfg.launcher)
     with cli.user_errors():
+        if cfg.plan:  # plan=true: this run's config check and GPU-hours, no training (-m grids: asr.plan.PlanCallback)
+            raise SystemExit(print_plan([("0", list(hydra_cfg.overrides.task), [])], "Plan of `train.py`"))
         metrics = run(cfg, hydra_cfg.runtime.output_dir, overrides=hydra_cfg.overrides.task, sweep_job=sweep_job(hydra_cfg))
     return metrics[cfg.optimized_metric]
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
+from asr.cluster.jobs import wait_all
 from asr.sweep.parent_run import close_parent, open_parent
 from asr.sweep.report import summarize
-from asr.sweep.storage import safe_url, storage_url
 from asr.sweep.spec import SweepSpec
-from asr.sweep.study import enqueue_grid, load_study, n_trials_total, requeue_interrupted, work
+from asr.sweep.storage import safe_url, storage_url
+from asr.sweep.study import FINISHED, counted, enqueue_grid, load_study, n_trials_total, requeue_interrupted, work
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,8 @@ def run_submitit_workers(spec_path: Path, workers: int, launcher: DictConfig) ->
     jobs = executor.map_array(worker_main, [str(spec_path)] * workers, list(range(workers)), [threads] * workers)
     log.info("submitted %d workers: %s", workers, ", ".join(job.job_id for job in jobs))
     try:
-        for job in jobs:
-            try:
-                job.result()
-            except Exception as err:  # noqa: BLE001  (one lost worker must not hide the others' results)
+        for job, _, err in wait_all(jobs):  # also returns for a job cancelled or killed before writing its result
+            if err is not None:  # one lost worker must not hide the others' results; its trial is re-queued
                 log.error("worker job %s failed: %s", job.job_id, err)
     except BaseException:
         for job in jobs:
@@ -125,8 +124,11 @@ def run_study(spec: SweepSpec, launcher: DictConfig | None = None, report_only: 
     log.info("Study %r in %s: %d trials in all, %d worker(s); resume any time with the same command",
              study.study_name, safe_url(storage_url(spec.study)), total, workers)
     status = "FAILED"
+    finished = sum(t.state in FINISHED for t in counted(study.get_trials(deepcopy=False)))
     try:
-        if launcher is not None and "submitit" in launcher.get("_target_", ""):
+        if finished >= total:  # a rerun of a finished study: no worker (or SLURM job) to start
+            log.info("Study %r already holds its %d trials; nothing to run", study.study_name, total)
+        elif launcher is not None and "submitit" in launcher.get("_target_", ""):
             run_submitit_workers(spec_path, workers, launcher)
         elif workers > 1:
             run_local_workers(spec_path, workers)

@@ -304,7 +304,7 @@ def work(spec: SweepSpec, worker: int = 0, train_fn=None) -> int:
     objective = make_objective(spec, train_fn)
     timeout = spec.study.get("timeout")
     started, ran = time.monotonic(), 0
-    poll = max(1, min(10, spec.study["heartbeat_interval"] or 10))
+    poll = max(1, min(3, spec.study["heartbeat_interval"] or 3))  # an idle worker exits at most this long after the last trial
     log.info("worker %d (pid %d) joins study %r: %d trials in all", worker, os.getpid(), study.study_name, total)
     while True:
         try:

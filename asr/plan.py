@@ -1,0 +1,282 @@
+"""A plan before anything is submitted: every job's config composed and checked, and its GPU-hours.
+
+    python train.py -m hydra/launcher=slurm experiment=seed_8_20_40 dataset=openslr54 plan=true
+    python sweep.py hydra/launcher=slurm sweep=lr_epochs ... sweep.plan=true
+
+Per job: the swept values, epochs, audio hours per epoch (train split), GPU-hours (training + the
+periodic dev-set evaluations) and peak GPU memory, then the total; nothing is submitted. Throughput
+comes from earlier MLflow runs of the same model and trainer settings (`train_audio_seconds_per_second`),
+else from our H200 measurements below; the plan says which it used.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra import compose
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+GPU = "H200"  # the GPU our measured table is for
+# Our H200 measurement (w2v-bert-2.0 shape, 606 M parameters, fixed 6 s clips): training audio seconds per
+# second and peak GiB per trainer preset. Evaluation is forward only: estimated at 3x the training
+# throughput of the same precision and batch without gradient checkpointing (a forward pass is about a
+# third of a training step).
+MEASURED = {
+    ("w2v-bert-2.0", "seed"): {"train": 95.8, "eval": 3 * 191.9, "peak_gib": 9.5,
+                               "what": "fp16, gradient checkpointing, batch 4"},
+    ("w2v-bert-2.0", "gpu_fast"): {"train": 900.2, "eval": 3 * 900.2, "peak_gib": 54.8,
+                                   "what": "bf16, sdpa, batch 64 x 6 s, no checkpointing"},
+}
+VARIABLE_LENGTH_NOTE = ("our H200 measurement with variable-length batches at the seed's batch 4 reached only 21-26 audio s/s "
+                        "(new shapes every step): on real data the seed's settings may cost ~4x these hours")
+# Trainer settings that decide throughput: MLflow runs count as "the same preset" when these match.
+THROUGHPUT_KEYS = ("model.name", "trainer.precision", "trainer.batch_size", "trainer.batch_seconds", "trainer.grad_accum",
+                   "trainer.gradient_checkpointing", "trainer.attn_implementation")
+
+
+@dataclass
+class JobPlan:
+    job: str
+    swept: str
+    epochs: float | None = None
+    audio_hours: float | None = None  # train split, per epoch
+    gpu_hours: float | None = None
+    peak_gib: float | None = None
+    source: str = ""
+    data: str = ""
+    error: str | None = None
+
+
+# ---- data -------------------------------------------------------------------------------------
+def dataset_hours(ds: DictConfig) -> tuple[float | None, float | None, float | None, str]:
+    """(train hours, dev hours, train utterances, where the figures come from) of one epoch."""
+    held_out = float(ds.get("dev_fraction") or 0) + float(ds.get("test_fraction") or 0)
+    approx = ds.get("approx_hours")
+    if ds.loader == "manifest":
+        path = Path(str(ds.get("train")))
+        if not path.is_file():
+            return None, None, None, f"absent: {path}"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        seconds = sum(float(r.get("duration") or 0) for r in rows)
+        share = 1.0 if ds.get("dev") else 1 - held_out
+        return seconds * share / 3600, seconds * float(ds.get("dev_fraction") or 0) / 3600, len(rows) * share, f"measured from {path.name}"
+    if ds.loader == "synthetic_ne":
+        sizes = ds.sizes
+        seconds_each = float(ds.get("approx_seconds_per_utterance") or 0)
+        return (sizes.train * seconds_each / 3600, sizes.dev * seconds_each / 3600, sizes.train,
+                "generated on first use (approximate)")
+    root = None if OmegaConf.is_missing(ds, "root") else ds.get("root")
+    present = root is not None and Path(str(root)).is_dir()
+    data = "present" if present else "absent (dataset.root not set or not found)"
+    if approx is None:
+        return None, None, None, data
+    utterances = float(ds.get("approx_utterances") or 0) * (1 - held_out)
+    return (float(approx) * (1 - held_out), float(approx) * float(ds.get("dev_fraction") or 0), utterances,
+            f"{data}; hours: the config's approximate figure ({approx} h)")
+
+
+# ---- throughput -------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _tracking(uri: str):
+    """(client, experiment ids) of the tracking store, or None when it cannot be reached (asked once per plan)."""
+    from mlflow.tracking import MlflowClient
+
+    from asr.tracking import check_reachable
+
+    try:
+        if uri.startswith("http"):
+            check_reachable(uri, timeout_s=3)
+        client = MlflowClient(uri)
+        return client, [e.experiment_id for e in client.search_experiments()]
+    except Exception as err:  # noqa: BLE001  (no tracking server: fall back to the measured table)
+        log.info("plan: no MLflow throughput from %s (%s)", uri, err)
+        return None
+
+
+def mlflow_throughput(cfg: DictConfig) -> tuple[float, float | None, int] | None:
+    """(median audio s/s, highest peak GiB or None, runs) of earlier runs with the same throughput settings."""
+    from asr.tracking import tracking_uri
+
+    tracking = _tracking(tracking_uri(cfg.tracking.get("uri")))
+    if not tracking or not tracking[1]:
+        return None
+    client, experiments = tracking
+    terms = [f"params.`{key}` = '{OmegaConf.select(cfg, key)}'" for key in THROUGHPUT_KEYS]  # as asr.tracking logs them
+    try:
+        runs = client.search_runs(experiments, " and ".join([*terms, "metrics.train_audio_seconds_per_second > 0"]), max_results=50)
+    except Exception as err:  # noqa: BLE001
+        log.info("plan: no MLflow throughput (%s)", err)
+        return None
+    if not runs:
+        return None
+    speeds = [r.data.metrics["train_audio_seconds_per_second"] for r in runs]
+    peaks = [r.data.metrics["peak_gpu_memory_gib"] for r in runs if "peak_gpu_memory_gib" in r.data.metrics]
+    return statistics.median(speeds), (max(peaks) if peaks else None), len(runs)
+
+
+def estimate(cfg: DictConfig, trainer_preset: str, job: str, swept: str) -> JobPlan:
+    plan = JobPlan(job, swept)
+    train_h, dev_h, utterances, plan.data = dataset_hours(cfg.dataset)
+    plan.audio_hours = train_h
+    trainer = cfg.trainer
+    plan.epochs = float(trainer.epochs)
+    measured = mlflow_throughput(cfg)
+    if measured:
+        speed, plan.peak_gib, n = measured
+        eval_speed = 3 * speed
+        plan.source = f"MLflow: {n} earlier run(s) of these settings"
+    elif (cfg.model.name, trainer_preset) in MEASURED:
+        row = MEASURED[(cfg.model.name, trainer_preset)]
+        speed, eval_speed, plan.peak_gib = row["train"], row["eval"], row["peak_gib"]
+        plan.source = f"our {GPU} measurement ({row['what']})"
+    else:
+        plan.source = f"no measurement for model {cfg.model.name} + trainer={trainer_preset}: run one job, then plan again"
+        return plan
+    if train_h is None:
+        return plan
+    if trainer.get("batch_seconds"):
+        steps_per_epoch = train_h * 3600 / trainer.batch_seconds / trainer.grad_accum
+    else:
+        steps_per_epoch = (utterances or 0) / (trainer.batch_size * trainer.grad_accum)
+    if trainer.get("max_steps") and steps_per_epoch:
+        plan.epochs = min(plan.epochs, trainer.max_steps / steps_per_epoch)
+    evals = plan.epochs * steps_per_epoch / trainer.eval_steps if trainer.eval_steps else 0
+    seconds = plan.epochs * train_h * 3600 / speed + evals * (dev_h or 0) * 3600 / eval_speed
+    plan.gpu_hours = seconds / 3600
+    return plan
+
+
+# ---- jobs -------------------------------------------------------------------------------------
+def compose_job(overrides: list[str]) -> DictConfig:
+    """The job's config with its `hydra.runtime.choices` (which trainer preset it uses)."""
+    return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+
+
+def plan_jobs(jobs: list[tuple[str, list[str], list[str]]], trials: int = 1) -> list[JobPlan]:
+    """jobs: (name, overrides, swept overrides). A job that does not compose gets its error instead."""
+    plans = []
+    for name, overrides, swept in jobs:
+        try:
+            cfg = compose_job(overrides)
+            plans.append(estimate(cfg, cfg.hydra.runtime.choices.get("trainer"), name, " ".join(swept)))
+        except Exception as err:  # noqa: BLE001  (reported in the table; the plan exits non-zero)
+            plans.append(JobPlan(name, " ".join(swept), error=f"{type(err).__name__}: {err}".splitlines()[0]))
+    return plans
+
+
+def grid_jobs(overrides: list[str]) -> list[tuple[str, list[str], list[str]]]:
+    """What Hydra's basic sweeper would launch for `-m` with these overrides: (job number, overrides, swept)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    swept_keys = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
+    return [(str(i), job, [o for o in job if o.split("=", 1)[0] in swept_keys]) for i, job in enumerate(batches)]
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "?" if value is None else f"{value:,.{digits}f}"
+
+
+def render(plans: list[JobPlan], title: str, multiplier: int = 1) -> str:
+    header = ["job", "swept values", "epochs", "audio h/epoch", f"{GPU} GPU-h", "peak GiB"]
+    rows = [[p.job, p.swept or "-", fmt(p.epochs, 2).rstrip("0").rstrip("."), fmt(p.audio_hours), fmt(p.gpu_hours),
+             fmt(p.peak_gib)] if not p.error else [p.job, p.swept or "-", "ERROR", p.error, "", ""] for p in plans]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [title, line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    known = [p.gpu_hours for p in plans if p.gpu_hours is not None]
+    total = sum(known) * multiplier
+    unknown = sum(p.gpu_hours is None for p in plans)
+    out.append(f"total: {total:,.1f} {GPU} GPU-hours" + (f" (x{multiplier} trials)" if multiplier > 1 else "")
+               + (f"; {unknown} job(s) without an estimate" if unknown else ""))
+    for note in sorted({f"throughput: {p.source}" for p in plans if p.source} | {f"data: {p.data}" for p in plans if p.data}):
+        out.append(f"  {note}")
+    if any("seed" in p.source and "measurement" in p.source for p in plans):
+        out.append(f"  note: {VARIABLE_LENGTH_NOTE}")
+    return "\n".join(out)
+
+
+def print_plan(jobs: list[tuple[str, list[str], list[str]]], title: str, multiplier: int = 1) -> int:
+    """Print the table (and what trainer=gpu_fast would take); 1 if any job does not compose."""
+    plans = plan_jobs(jobs)
+    print(render(plans, title, multiplier))
+    fast = [(n, [*o, "trainer=gpu_fast"], s) for n, o, s in jobs if not any(x.startswith("trainer=") for x in o)]
+    if fast and not any(p.error for p in plans):
+        fast_plans = plan_jobs(fast)
+        known = [p.gpu_hours for p in fast_plans if p.gpu_hours is not None]
+        if known and len(known) == len(fast_plans) and "gpu_fast" not in " ".join(p.source for p in plans):
+            print(f"with trainer=gpu_fast: {sum(known) * multiplier:,.1f} {GPU} GPU-hours ({fast_plans[0].source})")
+    errors = [p for p in plans if p.error]
+    if errors:
+        print(f"error: {len(errors)} job(s) do not compose (see the table); nothing submitted", file=sys.stderr)
+        return 1
+    print("plan only: nothing submitted (drop plan=true to run)")
+    return 0
+
+
+class PlanCallback(Callback):
+    """`train.py -m ... plan=true`: print the plan of the grid and exit before the launcher submits anything."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if not config.get("plan"):
+            return
+        from asr.multirun import sweep_overrides
+
+        if "asr_optuna_sweeper" in str(config.hydra.sweeper.get("_target_", "")):
+            print("error: plan=true plans Hydra grids; for an Optuna study use `python sweep.py ... sweep.plan=true`", file=sys.stderr)
+            raise SystemExit(1)
+        overrides = [o for o in sweep_overrides(config) if o.split("=", 1)[0] != "plan"]
+        launcher = config.hydra.launcher.get("_target_", "").rsplit(".", 1)[-1]
+        try:
+            jobs = grid_jobs(overrides)
+        except Exception as err:  # noqa: BLE001  (e.g. interval() sweeps, which only the Optuna sweeper takes)
+            print(f"error: cannot list the grid's jobs: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+        raise SystemExit(print_plan(jobs, f"Plan of `train.py -m` ({launcher}): {' '.join(overrides)}"))
+
+
+def study_jobs(spec) -> tuple[list[tuple[str, list[str], list[str]]], int, str]:
+    """sweep.py's trials as plan rows: every grid point; for sampled studies one row per combination of the
+    categorical choices, numeric parameters at their upper bound (so the total is an upper bound)."""
+    import itertools
+
+    from optuna.distributions import CategoricalDistribution
+
+    from asr.sweep.space import to_overrides
+    from asr.sweep.study import n_trials_total
+
+    space, total = spec.space(), n_trials_total(spec)
+    base = [*spec.base_overrides, *space.fixed]
+    if spec.study["sampler"]["name"] == "grid":
+        points = space.grid()
+        return [(f"trial {i}", [*base, *to_overrides(p)], to_overrides(p)) for i, p in enumerate(points)], 1, "grid"
+    categorical = {k: d.choices for k, d in space.distributions.items() if isinstance(d, CategoricalDistribution)}
+    highs = {k: d.high for k, d in space.distributions.items() if k not in categorical}
+    rows = []
+    for combo in itertools.product(*categorical.values()) if categorical else [()]:
+        params = {**dict(zip(categorical, combo)), **highs}
+        rows.append((f"trials (any of {total})", [*base, *to_overrides(params)], to_overrides(params)))
+    if len(rows) > 1:  # the costliest combination bounds every trial
+        return rows, total, "upper bound per trial: the costliest row counts for every trial; pruning stops many early"
+    return rows, total, "upper bound: numeric parameters at their maximum, no trial pruned"
+
+
+def print_study_plan(spec) -> int:
+    jobs, multiplier, how = study_jobs(spec)
+    title = f"Plan of study {spec.study['study_name']!r}: {spec.study['sampler']['name']} sampler, {how}"
+    if multiplier > 1 and len(jobs) > 1:
+        plans = plan_jobs(jobs)
+        worst = max(plans, key=lambda p: p.gpu_hours or 0)
+        jobs = [next(j for j in jobs if j[0] == worst.job and " ".join(j[2]) == worst.swept)]
+    return print_plan(jobs, title, multiplier)

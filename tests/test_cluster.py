@@ -1,0 +1,198 @@
+"""The cluster path as users type it, on real servers: a one-node SLURM cluster (2 fake GPUs), PostgreSQL
+and an MLflow server on PostgreSQL, brought up once per session by asr.cluster.local.
+
+Needs root and Debian's slurmctld slurmd slurm-client munge postgresql (CI installs them); elsewhere
+these tests skip with one line saying what to install.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import SMALL_CORPUS
+
+from asr.cluster.local import LocalCluster, missing
+from asr.paths import REPO_DIR
+
+if (UNAVAILABLE := missing()) is not None:  # one line for the whole file, naming the packages to install
+    pytest.skip(UNAVAILABLE, allow_module_level=True)
+
+# What a user adds on a small cluster: its partition, and what one job may ask of a 2-core node.
+SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2"]
+
+
+@pytest.fixture(scope="session")
+def cluster() -> dict[str, str]:
+    """The environment a user exports after `python -m asr.cluster.local up` (plus the test session's own)."""
+    base = Path(tempfile.mkdtemp(prefix="asr-cluster-"))
+    local = LocalCluster(base)
+    atexit.register(local.down)  # also when the session dies before the fixture's teardown
+    started = time.monotonic()
+    env = local.up()
+    print(f"local cluster up in {time.monotonic() - started:.1f} s: {env}")
+    yield {**os.environ, **env, "OMP_WAIT_POLICY": "PASSIVE"}
+    local.down()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def run(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def array_tasks(submitit_dir: Path) -> list[Path]:
+    """submitit's folder per array task: <array job id>_<task index>."""
+    return sorted(p for p in submitit_dir.iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+
+
+def client(env: dict):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(env["MLFLOW_TRACKING_URI"])
+
+
+def runs_of(env: dict, experiment: str) -> list:
+    mlflow = client(env)
+    found = mlflow.get_experiment_by_name(experiment)
+    return mlflow.search_runs([found.experiment_id], max_results=100) if found else []
+
+
+def test_slurm_grid_as_typed(cluster, tmp_path):
+    """`python train.py -m hydra/launcher=slurm trainer.epochs=1,2 debug=fast`: two array tasks on the
+    fake GPUs, one MLflow parent with two children on the server, summary.csv and the plot."""
+    env = {**cluster, "MLFLOW_EXPERIMENT_NAME": "cluster-grid"}
+    sweep_dir = tmp_path / "grid"
+    started = time.monotonic()
+    run([sys.executable, "train.py", "-m", *SLURM, "trainer.epochs=1,2", "debug=fast", *SMALL_CORPUS,
+         "hydra.launcher.setup=[\"echo CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES\"]", f"hydra.sweep.dir={sweep_dir}"], env)
+    print(f"2-job SLURM grid: {time.monotonic() - started:.1f} s")
+    task_dirs = array_tasks(sweep_dir / ".submitit")
+    assert [p.name.split("_")[1] for p in task_dirs] == ["0", "1"]  # one job array, two tasks
+    gpus = [line.split("=")[1] for p in task_dirs for line in next(p.glob("*_log.out")).read_text().splitlines()
+            if line.startswith("CUDA_VISIBLE_DEVICES=")]
+    assert len(gpus) == 2 and set(gpus) <= {"0", "1"}, gpus  # each job got one of the node's GPUs from SLURM
+    runs = runs_of(env, "cluster-grid")
+    parents = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.params["trainer.epochs"] for r in children) == ["1", "2"]
+    assert (sweep_dir / "summary.csv").is_file() and list(sweep_dir.glob("*.png"))
+
+
+def sweep_cmd(study: str, sweep_dir: Path, *extra: str) -> list[str]:
+    # debug=fast trials (30 steps) that evaluate and checkpoint every 10 (the cpu_demo study says 100)
+    return ["sweep.workers=2", f"sweep.study_name={study}", f"sweep.dir={sweep_dir}", "debug=fast", "+sweep.params.trainer.eval_steps=10",
+            *SMALL_CORPUS, *extra]
+
+
+def test_make_sweep_on_slurm_with_postgresql(cluster, tmp_path):
+    """`make sweep LAUNCHER=slurm STORAGE=postgresql+psycopg2://...`: the workers are one job array, the
+    study lives in PostgreSQL, trials report to the pruner, all under one MLflow parent run."""
+    import optuna
+
+    env = {**cluster, "MLFLOW_EXPERIMENT_NAME": "cluster-sweep"}
+    args = " ".join([*SLURM[1:], *sweep_cmd("cluster_sweep", tmp_path / "sweep", "sweep.n_trials=4", "trainer.max_steps=20",
+                                              "sweep.pruner.n_startup_trials=1", "sweep.pruner.warmup_evals=1")])
+    started = time.monotonic()
+    run(["make", "sweep", "LAUNCHER=slurm", f"STORAGE={cluster['OPTUNA_STORAGE']}", f"ARGS={args}"], env)
+    print(f"4-trial, 2-worker SLURM sweep: {time.monotonic() - started:.1f} s")
+    assert len(array_tasks(tmp_path / "sweep" / "submitit")) == 2
+    study = optuna.load_study(study_name="cluster_sweep", storage=cluster["OPTUNA_STORAGE"])
+    trials = study.get_trials()
+    assert len(trials) == 4 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    assert all(len(t.intermediate_values) >= 2 for t in trials)  # every eval reached the pruner through PostgreSQL
+    assert isinstance(study.pruner, optuna.pruners.BasePruner)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    children = [r for r in runs_of(env, "cluster-sweep") if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == [0, 1, 2, 3]
+
+
+def test_postgresql_url_forms(cluster, tmp_path):
+    """The storage URL as the docs print it (bare postgresql:// is psycopg 3 under SQLAlchemy 2) and
+    the explicit driver forms all open the study after `make setup`."""
+    from asr.sweep.storage import open_storage
+
+    base = cluster["OPTUNA_STORAGE"].split("://", 1)[1]
+    env = {**cluster, "MLFLOW_EXPERIMENT_NAME": "cluster-urls"}
+    run([sys.executable, "sweep.py", f"sweep.storage=postgresql://{base}", "sweep.report_only=true",
+         "sweep.study_name=url_form", f"sweep.dir={tmp_path}", *SMALL_CORPUS], env)
+    for scheme in ("postgresql+psycopg", "postgresql+psycopg2"):
+        storage = open_storage({"storage": f"{scheme}://{base}", "dir": str(tmp_path), "heartbeat_interval": 20,
+                                "grace_period": 120, "max_retry": 2})
+        assert "url_form" in [s.study_name for s in storage.get_all_studies()]
+
+
+def test_cancelled_job_does_not_hang_the_driver(cluster, tmp_path):
+    """Without SLURM accounting sacct answers nothing, so submitit alone would wait forever on a job
+    cancelled before it wrote its result; the driver's wait notices it left the queue."""
+    import submitit
+
+    from asr.cluster.jobs import JobLostError, wait_all
+
+    os.environ["SLURM_CONF"] = cluster["SLURM_CONF"]  # submitit runs sbatch/squeue in this process
+    try:
+        executor = submitit.AutoExecutor(folder=str(tmp_path / "%j"), cluster="slurm")
+        executor.update_parameters(slurm_partition="debug", cpus_per_task=1, slurm_mem="100M", timeout_min=5)
+        done, doomed = executor.submit(sum, [1, 2]), executor.submit(time.sleep, 120)
+        while "RUNNING" not in subprocess.run(["squeue", "-h", "-j", doomed.job_id, "-o", "%T"], capture_output=True,
+                                              text=True, env=cluster).stdout:
+            time.sleep(0.5)
+        subprocess.run(["scancel", doomed.job_id], check=True, env=cluster)
+        started = time.monotonic()
+        (_, result, error), (_, _, lost) = wait_all([done, doomed], grace_s=3)
+        assert result == 3 and error is None
+        assert isinstance(lost, JobLostError) and time.monotonic() - started < 30
+    finally:
+        os.environ.pop("SLURM_CONF")
+
+
+def test_scancel_worker_mid_trial_then_rerun(cluster, tmp_path):
+    """scancel one worker mid-trial: the driver does not hang, the dead trial is re-queued and resumed
+    from its checkpoint, the study stops at n_trials; the same command again re-attaches the parent
+    run and adds nothing."""
+    import optuna
+
+    env = {**cluster, "MLFLOW_EXPERIMENT_NAME": "cluster-scancel"}
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "sweep.py", *SLURM, f"sweep.storage={cluster['OPTUNA_STORAGE']}",
+           *sweep_cmd("cluster_scancel", sweep_dir, "sweep.n_trials=2", "sweep.pruner.name=none", "trainer.max_steps=40",
+                      "sweep.heartbeat_interval=1", "sweep.grace_period=6")]
+    driver = subprocess.Popen(cmd, cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(sweep_dir.glob("trial_*/checkpoints/checkpoint-*/trainer_state.json")):
+            assert time.monotonic() < deadline and driver.poll() is None, "no trial reached its first checkpoint"
+            time.sleep(0.5)
+        worker0 = array_tasks(sweep_dir / "submitit")[0].name
+        subprocess.run(["scancel", worker0], check=True, env=env)
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, out[-5000:]
+    assert f"worker job {worker0} failed" in out
+    study = optuna.load_study(study_name="cluster_scancel", storage=cluster["OPTUNA_STORAGE"])
+    trials = study.get_trials()
+    finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finished) == 2
+    resumed = [t for t in finished if t.user_attrs.get("resumed_from")]
+    assert len(resumed) == 1 and resumed[0].system_attrs["retry_history"]
+    dead = study.trials[resumed[0].system_attrs["retry_history"][-1]]
+    assert dead.state == optuna.trial.TrialState.FAIL and dead.params == resumed[0].params
+    parent = study.user_attrs["mlflow_parent_run_id"]
+
+    run(cmd, env)  # the same command again: the study is full; nothing runs twice
+    study = optuna.load_study(study_name="cluster_scancel", storage=cluster["OPTUNA_STORAGE"])
+    assert len(study.get_trials()) == len(trials)
+    assert study.user_attrs["mlflow_parent_run_id"] == parent
+    assert "resumed_at" in client(env).get_run(parent).data.tags

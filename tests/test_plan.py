@@ -1,0 +1,102 @@
+"""plan=true (train.py -m) and sweep.plan=true (sweep.py): every job composed and checked, GPU-hours
+estimated, nothing submitted."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import CONF_DIR, compose_cfg
+from hydra import compose, initialize_config_dir
+
+from asr.paths import REPO_DIR
+
+
+def plan(*args: str, tmp_path, expect: int = 0) -> subprocess.CompletedProcess:
+    # no tracking server (refused at once): the plan falls back to our measured table; no SLURM either
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "SLURM_CONF": "/nonexistent"}
+    proc = subprocess.run([sys.executable, *args], cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def total(out: str, prefix: str = "total:") -> float:
+    return float(re.search(rf"{prefix} ([\d,.]+) H200 GPU-hours", out).group(1).replace(",", ""))
+
+
+def test_seed_grid_on_openslr54_plans_near_140_gpu_hours(tmp_path):
+    """The seed's 8/20/40 grid on OpenSLR 54 (data absent here): three jobs, ~140 H200 GPU-hours at the
+    seed's settings from our measurement and the config's approximate hours, and what gpu_fast takes."""
+    sweep_dir = tmp_path / "multirun"
+    out = plan("train.py", "-m", "hydra/launcher=slurm", "experiment=seed_8_20_40", "dataset=openslr54", "plan=true",
+               f"hydra.sweep.dir={sweep_dir}", tmp_path=tmp_path).stdout
+    rows = [line.split() for line in out.splitlines() if re.match(r"^\d+\s+trainer\.epochs=", line)]
+    assert [r[1] for r in rows] == ["trainer.epochs=8", "trainer.epochs=20", "trainer.epochs=40"]
+    assert all(r[3] == "148.5" for r in rows)  # 90% of ~165 h: the train split
+    assert 110 <= total(out) <= 180, out
+    assert 5 <= total(out, "with trainer=gpu_fast:") <= 20, out
+    assert "our H200 measurement" in out and "approximate figure (165 h)" in out and "absent" in out
+    assert "nothing submitted" in out and not (sweep_dir / ".submitit").exists()
+
+
+@pytest.fixture
+def no_tracking(monkeypatch):
+    """No tracking server (refused at once): the plan uses our measured table."""
+    from asr.plan import _tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    _tracking.cache_clear()
+    yield
+    _tracking.cache_clear()
+
+
+def test_plan_names_a_job_that_does_not_compose(no_tracking, capsys):
+    from asr.plan import grid_jobs, print_plan
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        code = print_plan(grid_jobs(["model=tiny,no_such_model", "debug=fast"]), "plan")
+    out, err = capsys.readouterr()
+    assert code == 1 and re.search(r"^1\s+model=no_such_model\s+ERROR", out, re.M), out
+    assert err.strip() == "error: 1 job(s) do not compose (see the table); nothing submitted"
+
+
+def test_sweep_plan_is_an_upper_bound(no_tracking, capsys, tmp_path):
+    from asr.plan import print_study_plan
+    from asr.sweep.spec import spec_from_config
+
+    overrides = ["sweep=lr_epochs", "experiment=seed", "dataset=openslr54", "sweep.plan=true", f"sweep.dir={tmp_path / 'study'}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="study", overrides=overrides)
+        assert cfg.sweep.plan is True
+        code = print_study_plan(spec_from_config(cfg, overrides))
+    out = capsys.readouterr().out
+    assert code == 0 and "upper bound" in out and "x40 trials" in out and "trainer.epochs=40" in out
+    assert total(out) > total(out, "with trainer=gpu_fast:") > 0
+    assert not (tmp_path / "study").exists()  # no study created, no worker started
+
+
+def test_plan_prefers_mlflow_runs_of_the_same_settings(tmp_path, monkeypatch, no_tracking):
+    """An earlier run's measured throughput (train_audio_seconds_per_second) beats the table."""
+    from mlflow.tracking import MlflowClient
+
+    from asr.plan import estimate
+    from asr.tracking import flatten
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = compose_cfg("debug=fast", with_hydra=True)
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("earlier")).info.run_id
+    train_only = {k: v for k, v in flatten(compose_cfg("debug=fast")).items() if k.startswith(("model.", "trainer."))}
+    for key, value in train_only.items():
+        client.log_param(run, key, value)
+    client.log_metric(run, "train_audio_seconds_per_second", 100.0)
+    result = estimate(cfg, "cpu", "0", "")
+    assert result.source == "MLflow: 1 earlier run(s) of these settings"
+    assert result.audio_hours == 1500 * 2.5 / 3600
+    steps_per_epoch = 1500 / (cfg.trainer.batch_size * cfg.trainer.grad_accum)
+    assert abs(result.epochs - 30 / steps_per_epoch) < 1e-9  # debug=fast: max_steps caps the epochs
+    assert result.gpu_hours > 0
