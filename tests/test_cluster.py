@@ -91,7 +91,7 @@ def test_slurm_grid_as_typed(cluster, tmp_path):
 
 def sweep_cmd(study: str, sweep_dir: Path, *extra: str) -> list[str]:
     # debug=fast trials (30 steps) that evaluate and checkpoint every 10 (the cpu_demo study says 100)
-    return ["sweep.workers=2", f"sweep.study_name={study}", f"sweep.dir={sweep_dir}", "debug=fast", "+sweep.params.trainer.eval_steps=10",
+    return ["sweep.workers=2", f"sweep.study_name={study}", f"sweep.dir={sweep_dir}", "debug=fast", "trainer.eval_steps=10",
             *SMALL_CORPUS, *extra]
 
 
@@ -102,7 +102,7 @@ def test_make_sweep_on_slurm_with_postgresql(cluster, tmp_path):
 
     env = {**cluster, "MLFLOW_EXPERIMENT_NAME": "cluster-sweep"}
     args = " ".join([*SLURM[1:], *sweep_cmd("cluster_sweep", tmp_path / "sweep", "sweep.n_trials=4", "trainer.max_steps=20",
-                                              "sweep.pruner.n_startup_trials=1", "sweep.pruner.warmup_evals=1")])
+                                              "sweep.pruner.n_startup_trials=1", "sweep.pruner.warmup_evals=2")])
     started = time.monotonic()
     run(["make", "sweep", "LAUNCHER=slurm", f"STORAGE={cluster['OPTUNA_STORAGE']}", f"ARGS={args}"], env)
     print(f"4-trial, 2-worker SLURM sweep: {time.monotonic() - started:.1f} s")
