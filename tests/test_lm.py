@@ -194,3 +194,17 @@ def test_lm_command_line_errors_are_one_line(tmp_path):
         result = subprocess.run([sys.executable, "-m", "asr.lm", *args], cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
+
+
+def test_training_run_reports_lm_wer_beside_greedy(tmp_path):
+    from asr import training
+
+    cfg = compose_cfg(f"dataset.cache_dir={SESSION_DIR / 'corpus'}", f"paths.cache_dir={SESSION_DIR / 'cache'}",
+                      "dataset.sizes.train=400", "dataset.sizes.dev=40", "dataset.sizes.test=40", "debug=fast",
+                      "lm.after_training=true", "lm.tune.trials=3", "tracking.experiment=test-lm")
+    metrics = training.run(cfg, tmp_path, overrides=["lm.after_training=true"])
+    assert {"test_wer", "test_lm_wer", "test_lm_cer", "test_lm_wer_p_value"} <= set(metrics)
+    assert json.loads((tmp_path / "metrics.json").read_text())["test_lm_wer"] == metrics["test_lm_wer"]
+    info = json.loads((tmp_path / "model" / "lm" / "lm.json").read_text())
+    assert info["alpha"] == metrics["test_lm_alpha"] and info["sentences"] == 64 and info["test_overlap"] == 0
+    assert len((tmp_path / "predictions_test_lm.jsonl").read_text().splitlines()) == 16

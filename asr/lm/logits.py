@@ -4,7 +4,7 @@ Decoding with another beam width, LM or alpha/beta then needs no forward pass: `
 saves them, `python -m asr.lm tune` decodes the dev split's hundreds of times. The cache key is
 the model's weights (file sizes and times) and the split's utterances, under
 `<paths.cache_dir>/logits/`. Each utterance keeps only its real frames (padding cut off), as
-float16 log-probabilities.
+float32 log-probabilities (float16 could flip a near-tie argmax: greedy results must not move).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def model_fingerprint(model_dir: str | Path) -> str:
 
 
 def split_key(split: Dataset) -> str:
-    return hashlib.sha256(json.dumps([split["id"], split["input_length"]]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([list(split["id"]), list(split["input_length"])]).encode()).hexdigest()[:16]
 
 
 @torch.inference_mode()
@@ -61,13 +61,13 @@ def save_log_probs(path: Path, ids: list[str], log_probs: list[np.ndarray], key:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial.npz")
     np.savez(partial, ids=np.asarray(ids), lengths=np.asarray([len(lp) for lp in log_probs]),
-             data=np.concatenate(log_probs).astype(np.float16), key=json.dumps(key))
+             data=np.concatenate(log_probs).astype(np.float32), key=json.dumps(key))
     partial.replace(path)
 
 
 def load_log_probs(path: Path) -> tuple[list[str], list[np.ndarray], dict]:
     with np.load(path) as saved:
-        data = saved["data"].astype(np.float32)
+        data = saved["data"]
         ends = np.cumsum(saved["lengths"])
         arrays = [data[end - n : end] for end, n in zip(ends, saved["lengths"])]
         return saved["ids"].tolist(), arrays, json.loads(str(saved["key"]))
@@ -76,14 +76,15 @@ def load_log_probs(path: Path) -> tuple[list[str], list[np.ndarray], dict]:
 def cached_log_probs(model_dir: str | Path, model: Wav2Vec2BertForCTC, processor: Wav2Vec2BertProcessor, split: Dataset,
                      split_name: str, cache_dir: str | Path, batch_size: int) -> tuple[list[np.ndarray], Path]:
     """The split's log-probabilities from the cache, or computed now and saved there."""
+    ids = list(split["id"])
     key = {"version": LOGITS_VERSION, "model": model_fingerprint(model_dir), "split": split_key(split)}
     path = Path(cache_dir) / "logits" / f"{split_name}-{key['model']}-{key['split']}.npz"
     if path.is_file():
-        ids, arrays, saved_key = load_log_probs(path)
-        if saved_key == key and ids == split["id"]:
+        saved_ids, arrays, saved_key = load_log_probs(path)
+        if saved_key == key and saved_ids == ids:
             log.info("Logits of %s read from %s", split_name, path)
             return arrays, path
     arrays = compute_log_probs(model, processor, split, batch_size, desc=f"Computing {split_name} logits")
-    save_log_probs(path, split["id"], arrays, key)
+    save_log_probs(path, ids, arrays, key)
     log.info("Logits of %s saved to %s", split_name, path)
     return arrays, path
