@@ -28,7 +28,7 @@ from transformers.utils import logging as hf_logging
 from asr.data.audio import AudioDecodeError, load_audio
 from asr.inference import load_model
 from asr.lm import LMError, lm_dir_of
-from asr.lm.decode import DECODERS, BeamSettings, CTCDecoder, resolve_decoder_name
+from asr.lm.decode import DECODERS, BeamSettings, CTCDecoder, read_lm_info, resolve_decoder_name
 
 
 class PipelineDecoder:
@@ -48,9 +48,11 @@ class PipelineDecoder:
 
 def build_pipeline(model_dir: str, device: str | None = None, decoder: str = "greedy", lm_dir: str | None = None,
                    beam: BeamSettings | None = None):
-    model, processor = load_model(model_dir, device)
     lm_path = Path(lm_dir) if lm_dir else lm_dir_of(model_dir)
     kind = resolve_decoder_name(decoder, lm_path)
+    if kind == "beam_lm":
+        read_lm_info(lm_path)  # a missing LM is reported before the model loads
+    model, processor = load_model(model_dir, device)
     extra = {}
     if kind != "greedy":
         extra["decoder"] = PipelineDecoder(CTCDecoder(kind, processor.tokenizer, model.config.vocab_size, lm_path, beam))

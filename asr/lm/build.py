@@ -79,6 +79,8 @@ def check_test_overlap(lines: list[str], test_texts: list[str] | None, policy: s
 
 def run_lmplz(lines: list[str], out_dir: Path, cfg: DictConfig) -> Path:
     """lmplz → lm.arpa (and build_binary → lm.bin when cfg.binary); returns the file decoders should load."""
+    if cfg.order < 2:
+        raise LMError(f"lm.order={cfg.order}: KenLM loads n-gram models from order 2 up. Fix: lm.order=2 or more")
     lmplz = find_tool("lmplz", cfg.lmplz)
     if lmplz is None:
         raise LMError("KenLM's lmplz was not found. Fix: make lmplz (needs cmake, g++ and Boost: make lm-deps as root), "
@@ -103,7 +105,11 @@ def run_lmplz(lines: list[str], out_dir: Path, cfg: DictConfig) -> Path:
         log.warning("KenLM's build_binary not found next to %s: decoders will load the (slower) ARPA file", lmplz)
         return arpa
     binary = out_dir / "lm.bin"
-    subprocess.run([str(build_binary), str(arpa), str(binary)], check=True, capture_output=True)
+    done = subprocess.run([str(build_binary), str(arpa), str(binary)], text=True, capture_output=True)
+    if done.returncode != 0:
+        log.warning("build_binary failed (%s): decoders will load the ARPA file", " | ".join(done.stderr.strip().splitlines()[-2:]))
+        binary.unlink(missing_ok=True)
+        return arpa
     return binary
 
 
