@@ -6,6 +6,10 @@ on dev logits) and `python -m asr.evaluate decoder=...` on the test split. Print
 WER/CER with 95% bootstrap intervals, the paired bootstrap verdict against greedy decoding of the
 same logits, and decoding time per utterance (the forward pass, shared by all, is timed once).
 
+Ablation (does word order matter, or only which words exist?): a second LM from the same train
+sentences with the words of each one shuffled, tuned and evaluated the same way, paired against
+the LM that kept the order.
+
     .venv/bin/python benchmarks/lm_decoding.py                         # trains the default model first (minutes)
     .venv/bin/python benchmarks/lm_decoding.py --run-dir outputs/2026-11-28/14-42-56
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import sys
 import time
@@ -23,7 +28,10 @@ from pathlib import Path
 import asr  # noqa: F401  (registers ${repo_dir:})
 from hydra import compose, initialize_config_dir
 
-from asr.evaluate import evaluate, scoring_split
+from omegaconf import OmegaConf
+
+from asr.data import load_splits
+from asr.evaluate import evaluate, paired_comparison, scoring_split
 from asr.lm.__main__ import build, tune
 from asr.lm.logits import compute_log_probs
 from asr.paths import REPO_DIR
@@ -40,6 +48,19 @@ def train_default(folder: Path) -> Path:
     """`python train.py` with every default, into `folder`."""
     subprocess.run([sys.executable, "train.py", f"hydra.run.dir={folder}"], cwd=REPO_DIR, check=True)
     return folder
+
+
+def shuffled_text(run_dir: Path, path: Path) -> Path:
+    """The run's train sentences with the words of each shuffled (seeded): same lexicon, no word order."""
+    rng = random.Random(0)
+    lines = []
+    for text in load_splits(OmegaConf.load(run_dir / ".hydra" / "config.yaml").dataset)["train"]["text"]:
+        words = text.split()
+        rng.shuffle(words)
+        lines.append(" ".join(words))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 def main() -> None:
@@ -64,6 +85,13 @@ def main() -> None:
     forward = (time.perf_counter() - started) / len(test)
 
     reports = {name: evaluate(config("evaluate", *common, f"decoder={name}"), out / name) for name in DECODERS}
+
+    shuffled = [*common, f"lm.path={out / 'lm-shuffled'}"]
+    build(config("language_model", *shuffled, "command=build", f"out_dir={out / 'lm-shuffled'}",
+                 f"lm.text_file={shuffled_text(run_dir, out / 'shuffled_train.txt')}"), out / "build-shuffled")
+    tune(config("language_model", *shuffled, "command=tune", f"lm.tune.trials={args.trials}"), out / "tune-shuffled")
+    reports["beam_lm, words shuffled"] = evaluate(config("evaluate", *shuffled, "decoder=beam_lm"), out / "beam_lm_shuffled")
+    order = paired_comparison(out / "beam_lm_shuffled", out / "beam_lm", "test", config("evaluate").bootstrap)
     print(f"\n{datetime.now():%Y-%m-%d}, run {run_dir}: {info['order']}-gram LM from {info['sentences']} train sentences "
           f"({info['vocabulary']} words, built in {build_seconds:.1f} s); alpha {tuned['alpha']:.3f}, beta {tuned['beta']:.3f} "
           f"tuned on dev in {args.trials} trials; beam width {args.beam_width}; test: {reports['greedy']['utterances']} utterances, "
@@ -76,7 +104,9 @@ def main() -> None:
         verdict = f"{versus['wer']['verdict']}; CER {versus['cer']['verdict'].split('CER ')[1]}" if versus else "-"
         print(f"| {name} | {report['wer']:.4f} [{b['wer_ci95'][0]:.4f}, {b['wer_ci95'][1]:.4f}] | {report['cer']:.4f} "
               f"[{b['cer_ci95'][0]:.4f}, {b['cer_ci95'][1]:.4f}] | {report['decoding']['seconds_per_utterance'] * 1000:.2f} | {verdict} |")
-    summary = {"run_dir": str(run_dir), "lm": info, "tuned": {k: tuned[k] for k in ("alpha", "beta", "wer", "cer")},
+    print(f"\nWord order (A = LM from shuffled sentences, B = LM with word order): {order['wer']['verdict']}; "
+          f"{order['cer']['verdict']}")
+    summary = {"word_order": order, "run_dir": str(run_dir), "lm": info, "tuned": {k: tuned[k] for k in ("alpha", "beta", "wer", "cer")},
                "forward_seconds_per_utterance": forward,
                "decoders": {name: {k: r[k] for k in ("wer", "cer", "bootstrap", "decoding")} | {"versus_greedy": r.get("versus_greedy")}
                             for name, r in reports.items()}}

@@ -97,7 +97,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         (build if cfg.command == "build" else tune)(cfg, output_dir)
-    except LMError as err:
+    except (ValueError, FileNotFoundError) as err:  # LMError, DataError and a missing run folder: the user's to fix
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
