@@ -13,7 +13,7 @@ KENLM_APT ?= cmake g++ libboost-program-options-dev libboost-system-dev libboost
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lmplz lm-deps train sweep test test-all ui compare clean
+.PHONY: help setup lmplz lm-deps train sweep test test-all lint format ui compare clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,11 +56,19 @@ test: setup  ## run the test suite (tests marked slow excluded)
 test-all: setup  ## run every test, slow ones included
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
 
+lint: setup  ## check formatting and lint rules (ruff; settings in pyproject.toml)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: setup  ## reformat the code and apply ruff's safe fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
 ui: setup  ## serve the MLflow UI for ./mlflow.db on http://127.0.0.1:$(PORT)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(PORT)
 
-compare: setup  ## print the latest sweep's jobs sorted by WER (SWEEP=<sweep id> for another one)
-	$(BIN)/python -m asr.compare $(or $(SWEEP),latest)
+compare: setup  ## print the latest grid's or study's jobs sorted by WER (SWEEP=<sweep id> for another one)
+	$(BIN)/python -m asr.sweep_summary $(or $(SWEEP),latest)
 
 clean:  ## delete run outputs and caches (keeps .venv, mlflow.db and the generated corpus)
 	rm -rf outputs multirun data/cache

@@ -12,20 +12,22 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import asr  # noqa: F401  (registers the ${repo_dir:} resolver used in conf/)
+import asr  # noqa: F401  (thread policy; registers the ${repo_dir:} resolver used in conf/)
+from asr import cli
 from asr.sweep import run_study
 from asr.sweep.report import best_trial
-from asr.sweep.study import spec_from_config
+from asr.sweep.spec import spec_from_config
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="study")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
-    spec = spec_from_config(cfg, hydra_cfg.overrides.task)
-    launcher = hydra_cfg.launcher if "submitit" in str(hydra_cfg.launcher.get("_target_", "")) else None
-    best = best_trial(run_study(spec, launcher, report_only=cfg.sweep.report_only))
+    with cli.user_errors():
+        spec = spec_from_config(cfg, hydra_cfg.overrides.task)
+        launcher = hydra_cfg.launcher if "submitit" in str(hydra_cfg.launcher.get("_target_", "")) else None
+        best = best_trial(run_study(spec, launcher, report_only=cfg.sweep.report_only))
     return best.value if best else None
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -8,16 +8,20 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import asr  # noqa: F401  (registers the ${repo_dir:} resolver used in conf/)
+import asr  # noqa: F401  (thread policy; registers the ${repo_dir:} resolver used in conf/)
+from asr import cli, threads
+from asr.multirun import sweep_job
 from asr.training import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
-    metrics = run(cfg, hydra_cfg.runtime.output_dir, overrides=hydra_cfg.overrides.task)
+    threads.match_launcher(hydra_cfg.launcher)
+    with cli.user_errors():
+        metrics = run(cfg, hydra_cfg.runtime.output_dir, overrides=hydra_cfg.overrides.task, sweep_job=sweep_job(hydra_cfg))
     return metrics[cfg.optimized_metric]
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from transformers import Wav2Vec2BertConfig
 
+from asr import cli
 from asr.data import DataError
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,13 @@ def classify(row: dict, split: str, cfg: DictConfig, model_config: Wav2Vec2BertC
     return "", ""
 
 
-def run_audit(features: DatasetDict, cfg: DictConfig, model_config: Wav2Vec2BertConfig, report_path: Path) -> tuple[DatasetDict, dict]:
-    """Clean splits + the report (also written to report_path); raises past max_bad_fraction."""
+def run_audit(features: DatasetDict, cfg: DictConfig, model_config: Wav2Vec2BertConfig, report_path: Path,
+              allow_missing: bool = False) -> tuple[DatasetDict, dict]:
+    """Clean splits + the report (also written to report_path); raises past max_bad_fraction.
+
+    `allow_missing` (dataset.allow_missing_audio): files the user knows are absent are listed as
+    missing_file like any other drop, but do not count towards max_bad_fraction.
+    """
     columns = ["id", "audio_path", "text", "text_rejected", "duration", "rms_db", "labels", "input_length", "audio_error"]
     clean, files, totals = DatasetDict(), [], {}
     for split, rows in features.items():
@@ -90,7 +96,8 @@ def run_audit(features: DatasetDict, cfg: DictConfig, model_config: Wav2Vec2Bert
         if numbers["rows"] == numbers["quarantined"]:
             raise DataError(f"every {split} utterance was quarantined ({reasons}); see {report_path}")
     train = report["by_split"].get("train")
-    if train and train["quarantined"] / train["rows"] > cfg.max_bad_fraction:
+    tolerated = sum(f["split"] == "train" and f["reason"] == "missing_file" for f in files) if allow_missing else 0
+    if train and (train["quarantined"] - tolerated) / max(train["rows"] - tolerated, 1) > cfg.max_bad_fraction:
         raise DataError(f"{train['quarantined']} of {train['rows']} train utterances were quarantined ({reasons}), more than "
                         f"audit.max_bad_fraction={cfg.max_bad_fraction}; see {report_path}. Fix the data, or raise the "
                         "threshold if this is expected.")
@@ -101,13 +108,15 @@ def run_audit(features: DatasetDict, cfg: DictConfig, model_config: Wav2Vec2Bert
 def main(cfg: DictConfig) -> int:
     """The audit alone: decodes and checks everything (caching the features for training), trains nothing."""
     from asr.model import shape_config
-    from asr.training import prepare
+    from asr.prepare import prepare
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    _, features, _ = prepare(cfg, output_dir)
-    report = run_audit(features, cfg.audit, shape_config(cfg.model), output_dir / "data_audit.json")[1]
+    with cli.user_errors():
+        _, features, _ = prepare(cfg, output_dir)
+        report = run_audit(features, cfg.audit, shape_config(cfg.model), output_dir / "data_audit.json",
+                           allow_missing=cfg.dataset.get("allow_missing_audio", False))[1]
     return report["quarantined"]
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

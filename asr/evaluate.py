@@ -18,17 +18,19 @@ import hydra
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, OmegaConf
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import asr  # noqa: F401  (registers ${repo_dir:})
+from asr import cli
 from asr.audit import run_audit
-from asr.data import load_splits
-from asr.features import extract_features, normalize_splits
-from asr.inference import load_model
+from asr.errors import ConfigError
+from asr.inference import load_model, read_predictions, write_predictions
 from asr.lm.decode import CTCDecoder, build_decoder
 from asr.lm.logits import cached_log_probs
 from asr.metrics import error_rates
-from asr.scoring import (bootstrap_rates, char_confusions, confidence_interval, paired_difference, per_speaker,
+from asr.prepare import features_for, load_normalised
+from asr.bootstrap import (bootstrap_rates, char_confusions, confidence_interval, paired_difference, per_speaker,
                          utterance_counts, verdict)
 from asr.tracking import MlflowRun, tracking_uri
 
@@ -39,19 +41,41 @@ def resolve_source(cfg: DictConfig) -> tuple[Path, DictConfig, DictConfig, str |
     """Model folder, dataset and audit configs and training run id from run_dir | mlflow_run | model_dir."""
     train_run_id, run_dir = None, None
     if cfg.mlflow_run:
-        run = MlflowClient(tracking_uri(cfg.tracking.uri)).get_run(cfg.mlflow_run)
-        run_dir, train_run_id = Path(run.data.tags["output_dir"]), cfg.mlflow_run
+        run_dir, train_run_id = _run_folder_of(cfg.mlflow_run, cfg.tracking.uri), cfg.mlflow_run
     elif cfg.run_dir:
         run_dir = Path(cfg.run_dir)
     if run_dir is not None:
-        train_cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        config = run_dir / ".hydra" / "config.yaml"
+        if not config.is_file() or not (run_dir / "model").is_dir():
+            raise ConfigError(f"{run_dir} is not a finished training run (no .hydra/config.yaml or model/). "
+                              "Fix: run_dir=<a train.py run folder>, e.g. outputs/<date>/<time>")
+        train_cfg = OmegaConf.load(config)
         record = run_dir / "mlflow_run.json"
         train_run_id = train_run_id or (json.loads(record.read_text())["run_id"] if record.is_file() else None)
         return run_dir / "model", cfg.get("dataset") or train_cfg.dataset, train_cfg.get("audit") or cfg.audit, train_run_id
     if cfg.model_dir and cfg.get("dataset"):
+        if not Path(cfg.model_dir).is_dir():
+            raise ConfigError(f"model_dir={cfg.model_dir} does not exist. Fix: a folder saved by train.py (<run folder>/model)")
         return Path(cfg.model_dir), cfg.dataset, cfg.audit, None
-    raise ValueError("nothing to evaluate. Fix: run_dir=<training run folder>, mlflow_run=<run id>, "
-                     "or model_dir=<model folder> dataset=<name> (see conf/evaluate.yaml)")
+    if cfg.model_dir:
+        raise ConfigError("model_dir= needs the data to score it on. Fix: add dataset=<name> and its settings, "
+                          "e.g. dataset=manifest dataset.train=... dataset.test=...")
+    raise ConfigError("nothing to evaluate. Fix: run_dir=<training run folder>, mlflow_run=<run id>, "
+                      "or model_dir=<model folder> dataset=<name> (see conf/evaluate.yaml)")
+
+
+def _run_folder_of(run_id: str, uri: str | None) -> Path:
+    """The output folder of a training run, found through its MLflow run."""
+    client = MlflowClient(tracking_uri(uri))
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise ConfigError(f"no MLflow run {run_id} in {client.tracking_uri}. Fix: copy the id from the UI or "
+                          "mlflow_run.json, and set MLFLOW_TRACKING_URI (or tracking.uri) to the store that has it") from err
+    if "output_dir" not in run.data.tags:
+        raise ConfigError(f"MLflow run {run_id} is not a training run of this project (no output_dir tag). "
+                          "Fix: pick the training run, or use model_dir=<folder> dataset=<name>")
+    return Path(run.data.tags["output_dir"])
 
 
 def bootstrap_groups(speakers: list[str], unit: str) -> tuple[str, list[str] | None]:
@@ -106,10 +130,13 @@ def report_markdown(report: dict, title: str) -> str:
 def scoring_split(cfg: DictConfig, split_name: str, output_dir: Path):
     """(model_dir, dataset config, training run id, model, processor, audited split, references), as training scored it."""
     model_dir, dataset_cfg, audit_cfg, train_run_id = resolve_source(cfg)
-    splits = normalize_splits(load_splits(dataset_cfg), dataset_cfg.text)
+    with open_dict(cfg):  # the evaluation is filed in the training run's experiment (asr-${dataset.name})
+        cfg.dataset = dataset_cfg
+    splits = load_normalised(dataset_cfg)
     model, processor = load_model(model_dir)
-    features = extract_features(splits, processor, dataset_cfg, Path(cfg.paths.cache_dir) / "features", only=(split_name,))
-    split = run_audit(features, audit_cfg, model.config, output_dir / "data_audit.json")[0][split_name]  # as training scored it
+    features = features_for(splits, processor, dataset_cfg, cfg.paths.cache_dir, only=(split_name,))
+    split = run_audit(features, audit_cfg, model.config, output_dir / "data_audit.json",  # as training scored it
+                      allow_missing=dataset_cfg.get("allow_missing_audio", False))[0][split_name]
     # References as training scored them: the labels decoded (characters outside the train vocabulary → [UNK]).
     refs = processor.tokenizer.batch_decode(split["labels"], group_tokens=False)
     return model_dir, dataset_cfg, train_run_id, model, processor, split, refs
@@ -150,24 +177,15 @@ def _write(output_dir: Path, split_name: str, report: dict, split, refs: list[st
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     (output_dir / "report.md").write_text(report_markdown(report, f"{report['source']['dataset']} / {split_name}"), encoding="utf-8")
-    with (output_dir / f"predictions_{split_name}.jsonl").open("w", encoding="utf-8") as out:
-        for utt_id, speaker, ref, hyp in zip(split["id"], split["speaker"], refs, hyps):
-            out.write(json.dumps({"id": utt_id, "speaker": speaker, "reference": ref, "hypothesis": hyp}, ensure_ascii=False) + "\n")
-
-
-def read_predictions(folder: Path, split: str) -> dict[str, dict]:
-    path = folder / f"predictions_{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist. Fix: evaluate that run first (python -m asr.evaluate run_dir={folder})")
-    return {row["id"]: row for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+    write_predictions(output_dir / f"predictions_{split_name}.jsonl", split["id"], split["speaker"], refs, hyps)
 
 
 def paired_comparison(folder_a: Path, folder_b: Path, split: str, bootstrap: DictConfig) -> dict:
     """Paired bootstrap on the utterances both runs transcribed: is B better than A?"""
     a, b = read_predictions(folder_a, split), read_predictions(folder_b, split)
     if set(a) != set(b) or any(a[i]["reference"] != b[i]["reference"] for i in a):
-        raise ValueError(f"{folder_a} and {folder_b} did not transcribe the same utterances with the same references; "
-                         "a paired comparison needs both evaluated on one split of one dataset")
+        raise ConfigError(f"{folder_a} and {folder_b} did not transcribe the same utterances with the same references. "
+                          "Fix: compare two runs evaluated on one split of one dataset")
     ids = sorted(a)
     paired = paired_rates([a[i]["reference"] for i in ids], [a[i]["hypothesis"] for i in ids], [b[i]["hypothesis"] for i in ids],
                           [a[i].get("speaker", "") for i in ids], bootstrap)
@@ -187,7 +205,7 @@ def paired_rates(refs: list[str], hyps_a: list[str], hyps_b: list[str], speakers
 
 def compare(cfg: DictConfig, output_dir: Path) -> dict:
     if len(cfg.compare) != 2:
-        raise ValueError("compare takes two folders: compare=[<folder A>,<folder B>]")
+        raise ConfigError(f"compare takes two folders, got {len(cfg.compare)}. Fix: 'compare=[<folder A>,<folder B>]'")
     folder_a, folder_b = (Path(p) for p in cfg.compare)
     result = paired_comparison(folder_a, folder_b, cfg.split, cfg.bootstrap)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -199,10 +217,16 @@ def compare(cfg: DictConfig, output_dir: Path) -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.compare:
-        return compare(cfg, output_dir)["wer"]["difference"]
-    return evaluate(cfg, output_dir)["wer"]
+    with cli.user_errors():
+        if cfg.compare:
+            return compare(cfg, output_dir)["wer"]["difference"]
+        return evaluate(cfg, output_dir)["wer"]
+
+
+def entry() -> None:
+    """`python -m asr.evaluate` and the `asr-evaluate` command."""
+    cli.run(main)
 
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -26,6 +26,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import SeamlessM4TFeatureExtractor, Wav2Vec2BertConfig, Wav2Vec2BertForCTC, Wav2Vec2CTCTokenizer
 
+from asr.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -61,8 +63,8 @@ def _config_overrides(model_cfg: DictConfig, reg_cfg: DictConfig, tokenizer: Wav
     known = Wav2Vec2BertConfig().to_dict()
     unknown = sorted(set(overrides) - set(known))
     if unknown:
-        raise ValueError(f"unknown Wav2Vec2BertConfig field(s) {unknown} in regularization/model config; "
-                         "check the spelling against transformers' Wav2Vec2BertConfig")
+        raise ConfigError(f"unknown Wav2Vec2BertConfig field(s) {unknown} in the regularization/model config. "
+                          "Fix: check the spelling against transformers' Wav2Vec2BertConfig")
     return overrides
 
 

@@ -24,13 +24,13 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from asr.compare import plot_name, plot_sweep, summary_table
-from asr.compare import swept_keys as table_swept_keys
-from asr.tracking import SweepJob, TrackingUnavailableError, connect, git_state, set_sweep_job
+from asr.cli import fail
+from asr.sweep_summary import plot_name, plot_sweep, summary_table
+from asr.sweep_summary import swept_keys as table_swept_keys
+from asr.tracking import SweepJob, TrackingUnavailableError, close_parent_run, connect, create_parent_run
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +81,15 @@ class MlflowMultirunCallback(Callback):
             client, experiment_id = connect(config.tracking)
         except TrackingUnavailableError as err:
             # Hydra turns a callback's exceptions into warnings and would start every job anyway.
-            raise SystemExit(f"Not starting the sweep: {err}") from err
+            fail(f"not starting the sweep: {err}")
         keys = sweep_keys(overrides)
         swept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in keys]
         name = f"{' '.join(swept) or 'multirun'} @ {datetime.now():%Y-%m-%d %H:%M}"
-        tags = {**git_state(), "sweep_role": "parent", "sweep_dir": str(self.sweep_dir.resolve()),
-                "overrides": " ".join(overrides), "launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1]}
-        self.parent_run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        tags = {"sweep_dir": str(self.sweep_dir.resolve()), "overrides": " ".join(overrides),
+                "launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1]}
+        self.parent_run_id = create_parent_run(client, experiment_id, name, tags,
+                                               {"sweep": " ".join(overrides), "swept_keys": ",".join(keys)})
         self.tracking_uri = client.tracking_uri
-        client.set_tag(self.parent_run_id, "sweep_id", self.parent_run_id)
-        client.log_param(self.parent_run_id, "sweep", " ".join(overrides)[:500])
-        client.log_param(self.parent_run_id, "swept_keys", ",".join(keys))
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         record = {"parent_run_id": self.parent_run_id, "tracking_uri": self.tracking_uri, "swept_keys": keys}
         (self.sweep_dir / SWEEP_FILE).write_text(json.dumps(record, indent=2))
@@ -114,46 +112,40 @@ class MlflowMultirunCallback(Callback):
         table = summary_table(client, client.get_run(run_id))
         status = "FINISHED" if ended_normally and (table["status"] == "FINISHED").all() else (
             "KILLED" if (table["status"] == "KILLED").any() else "FAILED")
-        self._log_summary(client, run_id, table)
-        client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+        files, metrics, tags = self._summary(client, table)
+        close_parent_run(client, run_id, status, metrics, tags, files)
         failed = table[table["status"] != "FINISHED"]
         if len(failed):
             keys = table_swept_keys(table)
             lines = [f"  job {row['job']} ({' '.join(f'{k}={row[k]}' for k in keys)}, run {row['run_id']}): {row['status']} {row['error']}"
                      for _, row in failed.iterrows()]
             log.error("Sweep %s: %d of %d jobs did not finish:\n%s", run_id, len(failed), len(table), "\n".join(lines))
-        log.info("Sweep %s closed %s; compare with `python -m asr.compare %s`", run_id, status, run_id)
+        log.info("Sweep %s closed %s; compare with `python -m asr.sweep_summary %s`", run_id, status, run_id)
 
-    def _log_summary(self, client: MlflowClient, run_id: str, table) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            for path in (Path(tmp) / "summary.csv", Path(tmp) / plot_name(table)):
-                if path.suffix == ".csv":
-                    table.to_csv(path, index=False)
-                elif len(table):
-                    plot_sweep(client, table, path)
-                else:
-                    continue
-                client.log_artifact(run_id, str(path))
-                if self.sweep_dir and self.sweep_dir.is_dir():
-                    (self.sweep_dir / path.name).write_bytes(path.read_bytes())
+    def _summary(self, client: MlflowClient, table) -> tuple[list[tuple[Path, None]], dict[str, float], dict[str, str]]:
+        """summary.csv and the WER plot in the sweep folder, and the best job's metrics and tags."""
+        folder = self.sweep_dir if self.sweep_dir and self.sweep_dir.is_dir() else Path(tempfile.mkdtemp(prefix="asr-sweep-"))
+        files = [folder / "summary.csv"]
+        table.to_csv(files[0], index=False)
+        if len(table):
+            files.append(folder / plot_name(table))
+            plot_sweep(client, table, files[-1])
         finished = table[table["status"] == "FINISHED"].dropna(subset=["best_eval_wer"])
-        client.log_metric(run_id, "jobs_finished", len(finished))
+        metrics, tags = {"jobs_finished": len(finished)}, {}
         if len(finished):
             best = finished.iloc[0]
-            client.log_metric(run_id, "best_eval_wer", float(best["best_eval_wer"]))
-            client.set_tag(run_id, "best_run_id", best["run_id"])
-            client.set_tag(run_id, "best_job", str(best["job"]))
+            metrics["best_eval_wer"] = float(best["best_eval_wer"])
+            tags = {"best_run_id": best["run_id"], "best_job": str(best["job"])}
+        return [(path, None) for path in files], metrics, tags
 
-    # ---- job processes -----------------------------------------------------------------------
-    def on_job_start(self, config: DictConfig, **kwargs) -> None:
-        set_sweep_job(None)
-        record_file = Path(config.hydra.sweep.dir) / SWEEP_FILE
-        if config.hydra.mode != RunMode.MULTIRUN or not record_file.is_file():
-            return
-        record = json.loads(record_file.read_text())
-        parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-        swept = {o.key_or_group: o.get_value_element_as_str() for o in parsed if o.key_or_group in record["swept_keys"]}
-        set_sweep_job(SweepJob(record["parent_run_id"], int(config.hydra.job.num), swept))
 
-    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
-        set_sweep_job(None)
+
+def sweep_job(hydra_cfg: DictConfig) -> SweepJob | None:
+    """In a job of a `-m` grid (any process, any node): its place in the grid, read from the sweep folder."""
+    record_file = Path(hydra_cfg.sweep.dir) / SWEEP_FILE
+    if hydra_cfg.mode != RunMode.MULTIRUN or not record_file.is_file():
+        return None
+    record = json.loads(record_file.read_text())
+    parsed = OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task))
+    swept = {o.key_or_group: o.get_value_element_as_str() for o in parsed if o.key_or_group in record["swept_keys"]}
+    return SweepJob(record["parent_run_id"], int(hydra_cfg.job.num), swept)

@@ -22,12 +22,15 @@ from mlflow.utils.time import get_current_time_millis
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
+from asr.errors import UserError
 from asr.paths import REPO_DIR
 
 log = logging.getLogger(__name__)
 
 PARAM_VALUE_LIMIT = 500  # MLflow accepts 6000 characters; long lists are unreadable in the UI anyway
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, judges); ours are model training
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -62,7 +65,7 @@ def git_state() -> dict[str, str]:
         return {"git_sha": "unknown", "git_dirty": "unknown"}
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(UserError, RuntimeError):
     """The MLflow tracking server cannot be reached; raised before any training starts."""
 
 
@@ -74,7 +77,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
     except OSError as err:
         raise TrackingUnavailableError(
-            f"MLflow tracking server {uri} is not reachable ({err}). Fix: start it (README: 'Tracking server'), "
+            f"MLflow tracking server {uri} is not reachable ({err}). Fix: start it (docs/cluster.md, 'Tracking server'), "
             "correct MLFLOW_TRACKING_URI / tracking.uri, or train without tracking: tracking.enabled=false"
         ) from err
 
@@ -86,18 +89,21 @@ def connect(tracking_cfg: DictConfig) -> tuple[MlflowClient, str]:
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(tracking_cfg.experiment)
     if experiment is not None:
+        if not set(EXPERIMENT_KIND) <= set(experiment.tags):
+            for key, value in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return client, experiment.experiment_id
     # Keep artifacts next to the default store, not in whatever cwd the job ran from.
     location = (REPO_DIR / "mlruns").as_uri() if uri.startswith("sqlite:///") and not tracking_cfg.uri else None
     try:
-        return client, client.create_experiment(tracking_cfg.experiment, artifact_location=location)
+        return client, client.create_experiment(tracking_cfg.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
     except MlflowException:  # a parallel job created it first
         return client, client.get_experiment_by_name(tracking_cfg.experiment).experiment_id
 
 
 @dataclass(frozen=True)
 class SweepJob:
-    """Set by the multirun callback (asr.multirun) or a sweep worker (asr.sweep): makes the run a child."""
+    """A run's place in a grid or study (asr.multirun for `-m`, asr.sweep for trials): makes it a child run."""
 
     parent_run_id: str
     job_num: int
@@ -105,21 +111,40 @@ class SweepJob:
     tags: dict[str, str] = field(default_factory=dict)  # e.g. optuna_study / optuna_trial
 
 
-_sweep_job: SweepJob | None = None
+def create_parent_run(client: MlflowClient, experiment_id: str, name: str, tags: dict[str, str],
+                      params: dict[str, object]) -> str:
+    """The parent run of a grid or a study: its jobs/trials become children (SweepJob), `sweep_id` = its id."""
+    run_id = client.create_run(experiment_id, run_name=name, tags={**git_state(), "sweep_role": "parent", **tags}).info.run_id
+    client.set_tag(run_id, "sweep_id", run_id)
+    client.log_batch(run_id, params=[Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in params.items()])
+    return run_id
 
 
-def set_sweep_job(job: SweepJob | None) -> None:
-    global _sweep_job
-    _sweep_job = job
+def close_parent_run(client: MlflowClient, run_id: str, status: str, metrics: dict[str, float], tags: dict[str, str],
+                     files: list[tuple[Path, str | None]] = ()) -> None:
+    """Summary files (path, artifact folder), best-job metrics and tags, then FINISHED / FAILED / KILLED."""
+    for path, folder in files:
+        if path and path.exists():
+            client.log_artifact(run_id, str(path), artifact_path=folder)
+    now = get_current_time_millis()
+    if metrics:
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
 
 
 class MlflowRun:
-    """A run in the configured store; every method is a no-op when tracking is disabled."""
+    """A run in the configured store; every method is a no-op when tracking is disabled.
 
-    def __init__(self, tracking_cfg: DictConfig, run_name: str, tags: dict[str, str]) -> None:
+    `sweep`: the grid job or study trial this run belongs to; the run is then filed as a child of
+    that grid's or study's parent run.
+    """
+
+    def __init__(self, tracking_cfg: DictConfig, run_name: str, tags: dict[str, str], sweep: SweepJob | None = None) -> None:
         self.client: MlflowClient | None = None
         self.run_id: str | None = None
-        self.sweep = _sweep_job
+        self.sweep = sweep
         if not tracking_cfg.enabled:
             return
         self.client, experiment_id = connect(tracking_cfg)

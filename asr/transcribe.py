@@ -18,16 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-
 from pathlib import Path
 
 import torch
 from transformers import pipeline
 from transformers.utils import logging as hf_logging
 
+from asr import cli
 from asr.data.audio import AudioDecodeError, load_audio
+from asr.errors import ConfigError
 from asr.inference import load_model
-from asr.lm import LMError, lm_dir_of
+from asr.lm import lm_dir_of
 from asr.lm.decode import DECODERS, BeamSettings, CTCDecoder, read_lm_info, resolve_decoder_name
 
 
@@ -78,12 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beta", type=float, default=None, help="word insertion bonus (default: the tuned value)")
     args = parser.parse_args(argv)
 
-    try:
-        asr = build_pipeline(args.model_dir, args.device, args.decoder, args.lm,
-                             BeamSettings(beam_width=args.beam_width, alpha=args.alpha, beta=args.beta))
-    except LMError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if not (Path(args.model_dir) / "config.json").is_file():
+        raise ConfigError(f"{args.model_dir} is not a saved model (no config.json). Fix: pass a run's model folder, "
+                          "e.g. outputs/<date>/<time>/model")
+    asr = build_pipeline(args.model_dir, args.device, args.decoder, args.lm,
+                         BeamSettings(beam_width=args.beam_width, alpha=args.alpha, beta=args.beta))
     rate = asr.feature_extractor.sampling_rate
     failed = 0
     for path in args.files:
@@ -105,5 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def entry() -> None:
+    """`python -m asr.transcribe` and the `asr-transcribe` command."""
+    sys.exit(cli.run(main))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

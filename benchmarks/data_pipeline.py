@@ -20,15 +20,15 @@ from hydra import compose, initialize_config_dir
 import asr  # noqa: F401
 from asr.audit import run_audit
 from asr.data import load_splits
-from asr.features import build_processor, build_vocab, extract_features, normalize_splits
-from asr.model import load_feature_extractor, shape_config
+from asr.model import shape_config
 from asr.paths import REPO_DIR
+from asr.prepare import features_for, load_normalised, new_processor
 
 
 def timed_pass(cfg, processor, cache_dir: Path, out_dir: Path) -> tuple[float, float, float, int]:
-    splits = normalize_splits(load_splits(cfg.dataset), cfg.dataset.text)
+    splits = load_normalised(cfg.dataset)
     started = time.perf_counter()
-    features = extract_features(splits, processor, cfg.dataset, cache_dir)
+    features = features_for(splits, processor, cfg.dataset, cache_dir)
     extracted = time.perf_counter()
     _, report = run_audit(features, cfg.audit, shape_config(cfg.model), out_dir / "data_audit.json")
     audited = time.perf_counter()
@@ -42,10 +42,9 @@ def main(overrides: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         load_splits(cfg.dataset)  # generate/locate the corpus first: not part of the measurement
-        splits = normalize_splits(load_splits(cfg.dataset), cfg.dataset.text)
-        processor = build_processor(build_vocab(splits["train"]["text"]), load_feature_extractor(cfg.model), tmp / "model")
-        audio_s, cold, audit_cold, bad = timed_pass(cfg, processor, tmp / "features", tmp)
-        _, warm, audit_warm, _ = timed_pass(cfg, processor, tmp / "features", tmp)
+        processor = new_processor(cfg, load_normalised(cfg.dataset), tmp / "model")
+        audio_s, cold, audit_cold, bad = timed_pass(cfg, processor, tmp / "cache", tmp)
+        _, warm, audit_warm, _ = timed_pass(cfg, processor, tmp / "cache", tmp)
     print(f"dataset {cfg.dataset.name}: {audio_s / 3600:.2f} h of audio, {bad} quarantined, num_proc={cfg.dataset.num_proc}")
     print(f"cold: decode + features {cold:.1f} s ({audio_s / cold:.0f}x real time), audit {audit_cold:.2f} s")
     print(f"warm (features cached): {warm:.2f} s ({audio_s / warm:.0f}x real time), audit {audit_warm:.2f} s")

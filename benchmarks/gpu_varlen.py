@@ -4,7 +4,7 @@
     python benchmarks/gpu_varlen.py --gpu --out varlen_h200.jsonl    # GPU: w2v-bert-2.0 shape, random weights
 
 Utterances: random features with OpenSLR-54-like lengths (log-normal, median 4 s, 1-15 s, as in
-the H200 anchor's variable-length table), labels at ~14 characters per second. Our collator,
+our H200 measurement of variable-length batches), labels at ~14 characters per second. Our collator,
 sampler and model (asr.build_model: adapter padding fix included) train with AdamW (fused on
 GPU, bf16 autocast on GPU) in four arms, at the same mean batch size B:
 

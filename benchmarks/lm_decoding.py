@@ -25,11 +25,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import asr  # noqa: F401  (registers ${repo_dir:})
 from hydra import compose, initialize_config_dir
-
 from omegaconf import OmegaConf
 
+import asr  # noqa: F401  (registers ${repo_dir:})
 from asr.data import load_splits
 from asr.evaluate import evaluate, paired_comparison, scoring_split
 from asr.lm.__main__ import build, tune
@@ -68,7 +67,9 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, help="a finished default training run (else one is trained)")
     parser.add_argument("--trials", type=int, default=40, help="Optuna trials for alpha/beta (lm.tune.trials)")
     parser.add_argument("--beam-width", type=int, default=32, help="lm.beam_width for both beam decoders")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the reports (default outputs/lm-bench/<time>)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder for the reports (default outputs/lm-bench/<time>)"
+    )
     args = parser.parse_args()
     out = args.out or REPO_DIR / "outputs" / "lm-bench" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     run_dir = (args.run_dir or train_default(out / "run")).resolve()
@@ -87,29 +88,54 @@ def main() -> None:
     reports = {name: evaluate(config("evaluate", *common, f"decoder={name}"), out / name) for name in DECODERS}
 
     shuffled = [*common, f"lm.path={out / 'lm-shuffled'}"]
-    build(config("language_model", *shuffled, "command=build", f"out_dir={out / 'lm-shuffled'}",
-                 f"lm.text_file={shuffled_text(run_dir, out / 'shuffled_train.txt')}"), out / "build-shuffled")
+    build(
+        config(
+            "language_model",
+            *shuffled,
+            "command=build",
+            f"out_dir={out / 'lm-shuffled'}",
+            f"lm.text_file={shuffled_text(run_dir, out / 'shuffled_train.txt')}",
+        ),
+        out / "build-shuffled",
+    )
     tune(config("language_model", *shuffled, "command=tune", f"lm.tune.trials={args.trials}"), out / "tune-shuffled")
-    reports["beam_lm, words shuffled"] = evaluate(config("evaluate", *shuffled, "decoder=beam_lm"), out / "beam_lm_shuffled")
+    reports["beam_lm, words shuffled"] = evaluate(
+        config("evaluate", *shuffled, "decoder=beam_lm"), out / "beam_lm_shuffled"
+    )
     order = paired_comparison(out / "beam_lm_shuffled", out / "beam_lm", "test", config("evaluate").bootstrap)
-    print(f"\n{datetime.now():%Y-%m-%d}, run {run_dir}: {info['order']}-gram LM from {info['sentences']} train sentences "
-          f"({info['vocabulary']} words, built in {build_seconds:.1f} s); alpha {tuned['alpha']:.3f}, beta {tuned['beta']:.3f} "
-          f"tuned on dev in {args.trials} trials; beam width {args.beam_width}; test: {reports['greedy']['utterances']} utterances, "
-          f"{reports['greedy']['words']} words. Forward pass: {forward * 1000:.1f} ms per utterance (shared).\n")
+    print(
+        f"\n{datetime.now():%Y-%m-%d}, run {run_dir}: {info['order']}-gram LM from {info['sentences']} train "
+        f"sentences ({info['vocabulary']} words, built in {build_seconds:.1f} s); alpha {tuned['alpha']:.3f}, "
+        f"beta {tuned['beta']:.3f} tuned on dev in {args.trials} trials; beam width {args.beam_width}; test: "
+        f"{reports['greedy']['utterances']} utterances, {reports['greedy']['words']} words. "
+        f"Forward pass: {forward * 1000:.1f} ms per utterance (shared).\n"
+    )
     print("| decoder | test WER [95% CI] | test CER [95% CI] | decoding ms/utt | against greedy (paired bootstrap) |")
     print("|---|---|---|---|---|")
     for name, report in reports.items():
         b = report["bootstrap"]
         versus = report.get("versus_greedy")
         verdict = f"{versus['wer']['verdict']}; CER {versus['cer']['verdict'].split('CER ')[1]}" if versus else "-"
-        print(f"| {name} | {report['wer']:.4f} [{b['wer_ci95'][0]:.4f}, {b['wer_ci95'][1]:.4f}] | {report['cer']:.4f} "
-              f"[{b['cer_ci95'][0]:.4f}, {b['cer_ci95'][1]:.4f}] | {report['decoding']['seconds_per_utterance'] * 1000:.2f} | {verdict} |")
-    print(f"\nWord order (A = LM from shuffled sentences, B = LM with word order): {order['wer']['verdict']}; "
-          f"{order['cer']['verdict']}")
-    summary = {"word_order": order, "run_dir": str(run_dir), "lm": info, "tuned": {k: tuned[k] for k in ("alpha", "beta", "wer", "cer")},
-               "forward_seconds_per_utterance": forward,
-               "decoders": {name: {k: r[k] for k in ("wer", "cer", "bootstrap", "decoding")} | {"versus_greedy": r.get("versus_greedy")}
-                            for name, r in reports.items()}}
+        milliseconds = report["decoding"]["seconds_per_utterance"] * 1000
+        print(
+            f"| {name} | {report['wer']:.4f} [{b['wer_ci95'][0]:.4f}, {b['wer_ci95'][1]:.4f}] | {report['cer']:.4f} "
+            f"[{b['cer_ci95'][0]:.4f}, {b['cer_ci95'][1]:.4f}] | {milliseconds:.2f} | {verdict} |"
+        )
+    print(
+        f"\nWord order (A = LM from shuffled sentences, B = LM with word order): {order['wer']['verdict']}; "
+        f"{order['cer']['verdict']}"
+    )
+    summary = {
+        "word_order": order,
+        "run_dir": str(run_dir),
+        "lm": info,
+        "tuned": {k: tuned[k] for k in ("alpha", "beta", "wer", "cer")},
+        "forward_seconds_per_utterance": forward,
+        "decoders": {
+            name: {k: r[k] for k in ("wer", "cer", "bootstrap", "decoding")} | {"versus_greedy": r.get("versus_greedy")}
+            for name, r in reports.items()
+        },
+    }
     (out / "lm_decoding.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     print(f"\nreports: {out}/<decoder>/report.md; summary: {out / 'lm_decoding.json'}")
 

@@ -15,7 +15,7 @@ it (padded frames / real frames - 1), and the number of distinct (batch, frames)
 Distributions (frames at 50 per second, as the feature extraction stores them):
 - the built-in synthetic corpus's train split (eSpeak NG Nepali, 1-6 s);
 - "OpenSLR-54-like": log-normal with median 4 s and sigma 0.45, clipped to 1-15 s (mean 4.4 s).
-  Source: the variable-length H200 anchor (../shared/anchors/README.md, second table), which
+  Source: our H200 measurement of variable-length batches (2026-11-26), which
   used this draw to stand for OpenSLR 54's crowd-read sentences (mostly 1-10 s, a long tail).
 """
 

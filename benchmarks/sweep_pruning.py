@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir
 from asr.paths import REPO_DIR
 from asr.sweep import run_study
 from asr.sweep.report import leaderboard
-from asr.sweep.study import spec_from_config
+from asr.sweep.spec import spec_from_config
 
 LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
 WARMUPS = [0, 200]

@@ -4,7 +4,7 @@ the pipeline's overhead against a bare PyTorch loop on the same model and batche
     .venv/bin/python benchmarks/throughput.py                      # CPU: tiny model, trainer=cpu vs trainer=seed
     python benchmarks/throughput.py --gpu --out gpu_throughput.jsonl   # GPU: w2v-bert-2.0 shape, gpu_fast vs seed
 
-Every arm builds the Trainer exactly as `train.py` does (`asr.training.build_trainer`: our
+Every arm builds the Trainer exactly as `train.py` does (`asr.trainer.build_trainer`: our
 sampler, collator, CTCTrainer, throughput and MLflow callbacks) from the same initial weights
 and the same data, runs `--steps` optimizer steps and reports real audio seconds per second
 over the steps after `--warmup` (the clock of asr.throughput: data loading included,
@@ -42,7 +42,8 @@ from asr.features import build_processor, build_vocab
 from asr.model import build_model, load_feature_extractor
 from asr.paths import REPO_DIR
 from asr.tracking import MlflowRun
-from asr.training import build_trainer, configure_torch, prepare, resolve_precision
+from asr.prepare import prepare
+from asr.trainer import build_trainer, configure_torch, resolve_precision
 
 CPU = {"model": ["model=tiny"], "a": ["trainer=cpu", "trainer.batch_seconds=30", "trainer.pad_to_multiple_of=25"],
        "b": ["trainer=seed"], "steps": 30, "warmup": 5}

@@ -13,7 +13,8 @@ from transformers import TrainerCallback, TrainingArguments
 from asr.batching import DurationBatchSampler, PadPolicy, batch_cost, padding_stats
 from asr.collator import STATS_KEY, CTCCollator
 from asr.features import build_processor, build_vocab
-from asr.inference import CTCTrainer, blank_padded_frames
+from asr.inference import blank_padded_frames
+from asr.trainer import CTCTrainer
 from asr.model import build_model, load_feature_extractor
 from conftest import compose_cfg
 

@@ -12,7 +12,7 @@ from transformers import SeamlessM4TFeatureExtractor, Wav2Vec2BertConfig, Wav2Ve
 
 from asr.features import build_processor, build_vocab
 from asr.model import build_model, load_feature_extractor
-from asr.training import build_training_args, resolve_precision
+from asr.trainer import build_training_args, resolve_precision
 from conftest import CONF_DIR, compose_cfg
 
 REQUIRED = {"dataset=manifest": ["dataset.train=/data/train.jsonl"], "dataset=openslr54": ["dataset.root=/data/openslr54"],

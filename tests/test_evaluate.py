@@ -1,4 +1,4 @@
-"""asr.scoring / asr.evaluate / asr.transcribe: numbers checked by hand, and on a trained model."""
+"""asr.bootstrap / asr.evaluate / asr.transcribe: numbers checked by hand, and on a trained model."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from asr.data import load_splits
 from asr.evaluate import compare, evaluate
 from asr.metrics import error_rates
 from asr.paths import REPO_DIR
-from asr.scoring import bootstrap_rates, confidence_interval, paired_difference, utterance_counts, verdict
+from asr.bootstrap import bootstrap_rates, confidence_interval, paired_difference, utterance_counts, verdict
 from conftest import SESSION_DIR, compose_cfg
 
 

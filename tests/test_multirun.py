@@ -20,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from asr import compare
+from asr import sweep_summary
 from asr.paths import REPO_DIR
 from asr.tracking import MlflowRun, TrackingUnavailableError
 from conftest import SESSION_DIR, SMALL_CORPUS, compose_cfg
@@ -124,7 +124,7 @@ def test_parallel_grid_on_a_tracking_server(mlflow_server, tmp_path, capsys):
     assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
     assert parent.data.metrics["best_eval_wer"] == min(float(row["best_eval_wer"]) for row in rows)
 
-    assert compare.main(["--uri", mlflow_server, "latest"]) == 0
+    assert sweep_summary.main(["--uri", mlflow_server, "latest"]) == 0
     printed = capsys.readouterr().out
     assert parent.info.run_id in printed and printed.count("FINISHED") == 3  # parent + 2 jobs
     assert "A = best job" in printed and "runner-up job" in printed and "test split: " in printed  # paired bootstrap

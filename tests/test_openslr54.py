@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -91,8 +93,28 @@ def test_missing_root_and_missing_audio_say_what_to_do(openslr_layout, tmp_path)
     removed.unlink()
     with pytest.raises(DataError, match="allow_missing_audio"):
         load_splits(_cfg(partial).dataset)
-    splits = load_splits(_cfg(partial, "dataset.allow_missing_audio=true").dataset)
-    assert removed.stem not in {i for split in splits.values() for i in split["id"]}
+
+
+def test_allowed_missing_audio_is_listed_in_the_audit_report(openslr_layout, tmp_path):
+    """`python -m asr.audit dataset=openslr54 ... dataset.allow_missing_audio=true`: every utterance
+    listed without audio is in data_audit.json as missing_file and counted in the summary line."""
+    extracted, _, _ = openslr_layout
+    partial = tmp_path / "partial"
+    shutil.copytree(extracted, partial)
+    removed = sorted((partial / "asr_nepali" / "data").glob("*/*.flac"))[:2]
+    for flac in removed:
+        flac.unlink()
+    out = tmp_path / "audit"
+    result = subprocess.run([sys.executable, "-m", "asr.audit", "dataset=openslr54", f"dataset.root={partial}",
+                             "dataset.allow_missing_audio=true", "dataset.dev_fraction=0.25", "dataset.test_fraction=0.25",
+                             f"hydra.run.dir={out}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "data_audit.json").read_text(encoding="utf-8"))
+    missing = {f["id"] for f in report["files"] if f["reason"] == "missing_file"}
+    assert missing == {flac.stem for flac in removed}
+    assert report["by_reason"]["missing_file"] == 2
+    assert "missing_file 2" in result.stderr + result.stdout  # the summary line
 
 
 def test_a_published_split_overrides_the_hashed_one(openslr_layout, tmp_path):

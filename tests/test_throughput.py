@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from asr import training
+from asr import trainer, training
 from asr.throughput import BatchStats, ThroughputCallback
 from asr.tracking import tracking_uri
 from conftest import SMALL_CORPUS, compose_cfg
@@ -40,7 +40,7 @@ def test_gpu_fast_composes_and_trains_on_cpu(tmp_path):
     overrides = [*SMALL_CORPUS, "debug=fast", "trainer=gpu_fast", "trainer.max_steps=null", "trainer.epochs=2",
                  "trainer.batch_seconds=20", "trainer.dataloader_num_workers=1", "tracking.experiment=test-gpu-fast"]
     cfg = compose_cfg(*overrides)
-    args = training.build_training_args(cfg.trainer, tmp_path)
+    args = trainer.build_training_args(cfg.trainer, tmp_path)
     assert args.optim == "adamw_torch_fused" and not args.gradient_checkpointing
     assert not (args.fp16 or args.bf16)  # precision auto = fp32 without a GPU
     assert args.dataloader_persistent_workers and not args.dataloader_pin_memory
@@ -141,7 +141,7 @@ def test_throughput_benchmark_runs_both_presets_and_the_bare_loop(tmp_path, monk
 def test_gpu_fast_allocator_setting_goes_into_the_environment(monkeypatch):
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     cfg = compose_cfg("trainer=gpu_fast").trainer
-    training.configure_torch(cfg)
+    trainer.configure_torch(cfg)
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     if not torch.cuda.is_available():
         assert not torch.backends.cudnn.benchmark  # GPU-only settings leave a CPU machine alone

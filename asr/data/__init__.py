@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
+from asr.errors import UserError
+
 if TYPE_CHECKING:  # datasets is imported lazily: corpus-generation workers must start fast
     from datasets import Dataset, DatasetDict
 
@@ -21,7 +23,7 @@ SPLITS = ("train", "dev", "test")
 Rows = list[dict]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad or missing input data; the message names the file and the fix."""
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
+from asr.errors import UserError
+
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _ESPEAK_RATE, _ESPEAK_PITCH = 1, 3
 _CHARS_UTF8, _END_PAUSE = 1, 0x1000
@@ -28,8 +30,8 @@ NOT_FOUND_HELP = (
 )
 
 
-class EspeakNotFoundError(RuntimeError):
-    pass
+class EspeakNotFoundError(UserError, RuntimeError):
+    """Neither libespeak-ng (the espeakng-loader wheel) nor the espeak-ng binary is installed."""
 
 
 @dataclass(frozen=True)

@@ -69,15 +69,16 @@ def load_rows(cfg: DictConfig) -> dict[str, Rows]:
         raise DataError(f"no audio in {root}: expected data/<xx>/<id>.flac or asr_nepali_*.zip. {DOWNLOAD_HELP}")
     rows, missing = [], []
     for utt_id, speaker, text in _transcripts(root):
-        if utt_id in audio:
-            rows.append({"id": utt_id, "audio_path": audio[utt_id], "text": text, "speaker": speaker, "duration": 0.0})
-        else:
+        # an utterance without audio keeps the path it would have: the audit lists it as missing_file
+        path = audio.get(utt_id) or str(root / "data" / utt_id[:2] / f"{utt_id}.flac")
+        rows.append({"id": utt_id, "audio_path": path, "text": text, "speaker": speaker, "duration": 0.0})
+        if utt_id not in audio:
             missing.append(utt_id)
     if missing:
         message = f"{len(missing)} utterances of utt_spk_text.tsv have no audio in {root}, e.g. {missing[:5]}"
         if not cfg.allow_missing_audio:
             raise DataError(f"{message}. Fix: download/extract every archive, or set dataset.allow_missing_audio=true")
-        log.warning("%s; training on the %d that have", message, len(rows))
+        log.warning("%s; training on the %d that have (listed as missing_file in data_audit.json)", message, len(rows) - len(missing))
     if cfg.split_ids:
         return _given_split(rows, Path(cfg.split_ids).expanduser())
     train, test = carve_split(rows, cfg.test_fraction, cfg.split_seed)

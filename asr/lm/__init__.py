@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from asr.errors import ConfigError
+
 LM_DIR = "lm"  # sub-folder of a model folder that holds its LM
 INFO_FILE = "lm.json"
 
 
-class LMError(ValueError):
-    """A user's mistake around LM building or decoding: the message says what to fix."""
+class LMError(ConfigError):
+    """A user's mistake around LM building or decoding (one line on stderr): the message says what to fix."""
 
 
 def lm_dir_of(model_dir: str | Path) -> Path:

@@ -49,7 +49,10 @@ def normalized_lines(path: str | Path, text_cfg: DictConfig) -> list[str]:
         if text and not rejected:
             lines.append(text)
     if not lines:
-        raise LMError(f"lm.text_file={path} holds no sentence after normalisation. Fix: one sentence per line, in the dataset's script")
+        raise LMError(
+            f"lm.text_file={path} holds no sentence after normalisation. "
+            "Fix: one sentence per line, in the dataset's script"
+        )
     return lines
 
 
@@ -64,16 +67,23 @@ def check_test_overlap(lines: list[str], test_texts: list[str] | None, policy: s
     if policy not in ("refuse", "warn"):
         raise LMError(f"lm.test_overlap={policy!r}: choose refuse or warn")
     if test_texts is None:
-        log.warning("No test split known: cannot check that the LM text holds no test sentence (give dataset=... or run_dir=...)")
+        log.warning(
+            "No test split known: cannot check that the LM text holds no test sentence "
+            "(give dataset=... or run_dir=...)"
+        )
         return 0
     found = test_overlap(lines, test_texts)
     if not found:
         return 0
-    message = (f"the LM text contains {len(found)} of the {len(set(test_texts))} test sentences (e.g. {found[0]!r}); "
-               "an LM that saw them makes test WER meaningless")
+    message = (
+        f"the LM text contains {len(found)} of the {len(set(test_texts))} test sentences (e.g. {found[0]!r}); "
+        "an LM that saw them makes test WER meaningless"
+    )
     if policy == "refuse":
         raise LMError(f"{message}. Fix: remove them from the text, or lm.test_overlap=warn to build anyway")
-    log.warning("!!! %s. Building anyway (lm.test_overlap=warn): do not report test WER from this LM !!!", message.upper())
+    log.warning(
+        "!!! %s. Building anyway (lm.test_overlap=warn): do not report test WER from this LM !!!", message.upper()
+    )
     return len(found)
 
 
@@ -83,12 +93,25 @@ def run_lmplz(lines: list[str], out_dir: Path, cfg: DictConfig) -> Path:
         raise LMError(f"lm.order={cfg.order}: KenLM loads n-gram models from order 2 up. Fix: lm.order=2 or more")
     lmplz = find_tool("lmplz", cfg.lmplz)
     if lmplz is None:
-        raise LMError("KenLM's lmplz was not found. Fix: make lmplz (needs cmake, g++ and Boost: make lm-deps as root), "
-                      "or lm.lmplz=<path to lmplz>")
+        raise LMError(
+            "KenLM's lmplz was not found. Fix: make lmplz (needs cmake, g++ and Boost: make lm-deps as root), "
+            "or lm.lmplz=<path to lmplz>"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     arpa = out_dir / "lm.arpa"
     with tempfile.TemporaryDirectory(prefix="lmplz-") as tmp:
-        command = [str(lmplz), "-o", str(cfg.order), "-S", str(cfg.memory), "-T", f"{tmp}/", "--arpa", str(arpa), "--skip_symbols"]
+        command = [
+            str(lmplz),
+            "-o",
+            str(cfg.order),
+            "-S",
+            str(cfg.memory),
+            "-T",
+            f"{tmp}/",
+            "--arpa",
+            str(arpa),
+            "--skip_symbols",
+        ]
         if cfg.discount_fallback:
             command.append("--discount_fallback")
         if cfg.prune:
@@ -96,7 +119,11 @@ def run_lmplz(lines: list[str], out_dir: Path, cfg: DictConfig) -> Path:
         done = subprocess.run(command, input="\n".join(lines) + "\n", text=True, capture_output=True)
     if done.returncode != 0:
         tail = " | ".join(done.stderr.strip().splitlines()[-3:])
-        hint = " Fix: lm.discount_fallback=true, or a lower lm.order, for a small text" if "discount" in done.stderr.lower() else ""
+        hint = (
+            " Fix: lm.discount_fallback=true, or a lower lm.order, for a small text"
+            if "discount" in done.stderr.lower()
+            else ""
+        )
         raise LMError(f"lmplz failed ({tail}).{hint}")
     if not cfg.binary:
         return arpa
@@ -107,7 +134,10 @@ def run_lmplz(lines: list[str], out_dir: Path, cfg: DictConfig) -> Path:
     binary = out_dir / "lm.bin"
     done = subprocess.run([str(build_binary), str(arpa), str(binary)], text=True, capture_output=True)
     if done.returncode != 0:
-        log.warning("build_binary failed (%s): decoders will load the ARPA file", " | ".join(done.stderr.strip().splitlines()[-2:]))
+        log.warning(
+            "build_binary failed (%s): decoders will load the ARPA file",
+            " | ".join(done.stderr.strip().splitlines()[-2:]),
+        )
         binary.unlink(missing_ok=True)
         return arpa
     return binary
@@ -129,14 +159,28 @@ def build_lm(lines: list[str], out_dir: Path, cfg: DictConfig, source: str, test
     model_file = run_lmplz(lines, out_dir, cfg)
     counts = write_unigrams(lines, out_dir)
     info = {
-        "model_file": model_file.name, "order": cfg.order, "prune": list(cfg.prune or []), "source": source,
-        "sentences": len(lines), "words": sum(counts.values()), "vocabulary": len(counts), "test_overlap": overlap,
-        "build_seconds": round(time.perf_counter() - started, 2), "alpha": None, "beta": None,
+        "model_file": model_file.name,
+        "order": cfg.order,
+        "prune": list(cfg.prune or []),
+        "source": source,
+        "sentences": len(lines),
+        "words": sum(counts.values()),
+        "vocabulary": len(counts),
+        "test_overlap": overlap,
+        "build_seconds": round(time.perf_counter() - started, 2),
+        "alpha": None,
+        "beta": None,
     }
     old = out_dir / INFO_FILE
     if old.is_file():  # a rebuilt LM needs its weights tuned again
         log.info("Replacing the LM in %s (its tuned alpha/beta are reset)", out_dir)
     old.write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
-    log.info("%d-gram LM from %d sentences (%d words, %d distinct) → %s", cfg.order, info["sentences"], info["words"],
-             info["vocabulary"], out_dir / model_file.name)
+    log.info(
+        "%d-gram LM from %d sentences (%d words, %d distinct) → %s",
+        cfg.order,
+        info["sentences"],
+        info["words"],
+        info["vocabulary"],
+        out_dir / model_file.name,
+    )
     return info

@@ -31,7 +31,11 @@ UNK_LABEL = "⁇"  # pyctcdecode's unknown-token label
 
 def ctc_alphabet(tokenizer: Wav2Vec2CTCTokenizer, n_columns: int) -> tuple[list[str], np.ndarray]:
     """pyctcdecode labels and the logits columns they stand for (blank "", space " ", unknown ⁇)."""
-    never_emitted = set(tokenizer.all_special_tokens) - {tokenizer.pad_token, tokenizer.unk_token, tokenizer.word_delimiter_token}
+    never_emitted = set(tokenizer.all_special_tokens) - {
+        tokenizer.pad_token,
+        tokenizer.unk_token,
+        tokenizer.word_delimiter_token,
+    }
     labels, columns = [], []
     for index in range(n_columns):
         token = tokenizer.convert_ids_to_tokens(index)
@@ -48,36 +52,46 @@ def ctc_alphabet(tokenizer: Wav2Vec2CTCTokenizer, n_columns: int) -> tuple[list[
         labels.append(label)
         columns.append(index)
     if "" not in labels or " " not in labels:
-        raise LMError("the tokenizer has no pad token (CTC blank) or no word delimiter '|': it is not a CTC character tokenizer")
+        raise LMError(
+            "the tokenizer has no pad token (CTC blank) or no word delimiter '|': it is not a CTC character tokenizer"
+        )
     return labels, np.asarray(columns)
 
 
 def read_lm_info(lm_dir: Path) -> dict:
     info_file = lm_dir / INFO_FILE
     if not info_file.is_file():
-        raise LMError(f"no language model in {lm_dir}. Fix: python -m asr.lm build run_dir=<training run> "
-                      "(or lm.path=<folder made by asr.lm build>)")
+        raise LMError(
+            f"no language model in {lm_dir}. Fix: python -m asr.lm build run_dir=<training run> "
+            "(or lm.path=<folder made by asr.lm build>)"
+        )
     return json.loads(info_file.read_text(encoding="utf-8"))
 
 
 @dataclass
 class BeamSettings:
-    beam_width: int = 32               # hypotheses kept per frame
-    beam_prune_logp: float = -10.0     # drop beams this much (natural log) below the best
-    token_min_logp: float = -5.0       # skip tokens below this log-probability (unless the frame's argmax)
-    alpha: float | None = None         # LM weight; None = tuned value in lm.json, else DEFAULT_ALPHA
-    beta: float | None = None          # word insertion bonus; None = tuned value, else DEFAULT_BETA
+    beam_width: int = 32  # hypotheses kept per frame
+    beam_prune_logp: float = -10.0  # drop beams this much (natural log) below the best
+    token_min_logp: float = -5.0  # skip tokens below this log-probability (unless the frame's argmax)
+    alpha: float | None = None  # LM weight; None = tuned value in lm.json, else DEFAULT_ALPHA
+    beta: float | None = None  # word insertion bonus; None = tuned value, else DEFAULT_BETA
 
     @classmethod
-    def from_config(cls, lm_cfg: DictConfig) -> "BeamSettings":
+    def from_config(cls, lm_cfg: DictConfig) -> BeamSettings:
         return cls(lm_cfg.beam_width, lm_cfg.beam_prune_logp, lm_cfg.token_min_logp, lm_cfg.alpha, lm_cfg.beta)
 
 
 class CTCDecoder:
     """decode(log_probs of one utterance, frames × vocabulary) → text, with the chosen decoder."""
 
-    def __init__(self, kind: str, tokenizer: Wav2Vec2CTCTokenizer, n_columns: int, lm_dir: Path | None = None,
-                 beam: BeamSettings | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        tokenizer: Wav2Vec2CTCTokenizer,
+        n_columns: int,
+        lm_dir: Path | None = None,
+        beam: BeamSettings | None = None,
+    ) -> None:
         if kind not in DECODERS:
             raise LMError(f"decoder={kind!r}: choose one of {', '.join(DECODERS)} (or auto)")
         self.kind, self.tokenizer, self.beam = kind, tokenizer, beam or BeamSettings()
@@ -95,8 +109,9 @@ class CTCDecoder:
         unigrams = (self.lm_dir / "unigrams.txt").read_text(encoding="utf-8").split()
         alpha = _first_set(self.beam.alpha, self.lm_info.get("alpha"), DEFAULT_ALPHA)
         beta = _first_set(self.beam.beta, self.lm_info.get("beta"), DEFAULT_BETA)
-        self._beam_search = build_ctcdecoder(labels, str(self.lm_dir / self.lm_info["model_file"]), unigrams,
-                                             alpha=float(alpha), beta=float(beta))
+        self._beam_search = build_ctcdecoder(
+            labels, str(self.lm_dir / self.lm_info["model_file"]), unigrams, alpha=float(alpha), beta=float(beta)
+        )
         self.set_weights(float(alpha), float(beta))
 
     def set_weights(self, alpha: float, beta: float) -> None:
@@ -107,9 +122,12 @@ class CTCDecoder:
     def decode(self, log_probs: np.ndarray) -> str:
         if self.kind == "greedy":
             return self.tokenizer.decode(log_probs.argmax(-1))
-        text = self._beam_search.decode(np.asarray(log_probs[:, self.columns], dtype=np.float32),
-                                        beam_width=self.beam.beam_width, beam_prune_logp=self.beam.beam_prune_logp,
-                                        token_min_logp=self.beam.token_min_logp)
+        text = self._beam_search.decode(
+            np.asarray(log_probs[:, self.columns], dtype=np.float32),
+            beam_width=self.beam.beam_width,
+            beam_prune_logp=self.beam.beam_prune_logp,
+            token_min_logp=self.beam.token_min_logp,
+        )
         return text.replace(UNK_LABEL, self.tokenizer.unk_token)
 
     def decode_all(self, log_probs: list[np.ndarray]) -> tuple[list[str], float]:
@@ -122,8 +140,12 @@ class CTCDecoder:
         """What decoded: written to reports and MLflow."""
         if self.kind == "greedy":
             return {"decoder": "greedy"}
-        info = {"decoder": self.kind, "beam_width": self.beam.beam_width, "beam_prune_logp": self.beam.beam_prune_logp,
-                "token_min_logp": self.beam.token_min_logp}
+        info = {
+            "decoder": self.kind,
+            "beam_width": self.beam.beam_width,
+            "beam_prune_logp": self.beam.beam_prune_logp,
+            "token_min_logp": self.beam.token_min_logp,
+        }
         if self.kind == "beam_lm":
             info.update(lm=str(self.lm_dir), alpha=self.beam.alpha, beta=self.beam.beta, lm_order=self.lm_info["order"])
         return info
@@ -145,7 +167,10 @@ def resolve_decoder_name(name: str, lm_dir: Path) -> str:
     return name
 
 
-def build_decoder(name: str, lm_cfg: DictConfig, tokenizer: Wav2Vec2CTCTokenizer, n_columns: int,
-                  model_dir: str | Path) -> CTCDecoder:
+def build_decoder(
+    name: str, lm_cfg: DictConfig, tokenizer: Wav2Vec2CTCTokenizer, n_columns: int, model_dir: str | Path
+) -> CTCDecoder:
     lm_dir = lm_folder(lm_cfg, model_dir)
-    return CTCDecoder(resolve_decoder_name(name, lm_dir), tokenizer, n_columns, lm_dir, BeamSettings.from_config(lm_cfg))
+    return CTCDecoder(
+        resolve_decoder_name(name, lm_dir), tokenizer, n_columns, lm_dir, BeamSettings.from_config(lm_cfg)
+    )

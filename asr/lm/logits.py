@@ -40,8 +40,13 @@ def split_key(split: Dataset) -> str:
 
 
 @torch.inference_mode()
-def compute_log_probs(model: Wav2Vec2BertForCTC, processor: Wav2Vec2BertProcessor, features: Dataset,
-                      batch_size: int, desc: str = "Computing logits") -> list[np.ndarray]:
+def compute_log_probs(
+    model: Wav2Vec2BertForCTC,
+    processor: Wav2Vec2BertProcessor,
+    features: Dataset,
+    batch_size: int,
+    desc: str = "Computing logits",
+) -> list[np.ndarray]:
     """Per utterance, in the dataset's order: (real frames × vocabulary) log-softmax, float32."""
     order = np.argsort(-np.asarray(features["input_length"]), kind="stable")  # longest first: little padding
     collate = CTCCollator(processor)
@@ -60,8 +65,13 @@ def compute_log_probs(model: Wav2Vec2BertForCTC, processor: Wav2Vec2BertProcesso
 def save_log_probs(path: Path, ids: list[str], log_probs: list[np.ndarray], key: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial.npz")
-    np.savez(partial, ids=np.asarray(ids), lengths=np.asarray([len(lp) for lp in log_probs]),
-             data=np.concatenate(log_probs).astype(np.float32), key=json.dumps(key))
+    np.savez(
+        partial,
+        ids=np.asarray(ids),
+        lengths=np.asarray([len(lp) for lp in log_probs]),
+        data=np.concatenate(log_probs).astype(np.float32),
+        key=json.dumps(key),
+    )
     partial.replace(path)
 
 
@@ -73,8 +83,15 @@ def load_log_probs(path: Path) -> tuple[list[str], list[np.ndarray], dict]:
         return saved["ids"].tolist(), arrays, json.loads(str(saved["key"]))
 
 
-def cached_log_probs(model_dir: str | Path, model: Wav2Vec2BertForCTC, processor: Wav2Vec2BertProcessor, split: Dataset,
-                     split_name: str, cache_dir: str | Path, batch_size: int) -> tuple[list[np.ndarray], Path]:
+def cached_log_probs(
+    model_dir: str | Path,
+    model: Wav2Vec2BertForCTC,
+    processor: Wav2Vec2BertProcessor,
+    split: Dataset,
+    split_name: str,
+    cache_dir: str | Path,
+    batch_size: int,
+) -> tuple[list[np.ndarray], Path]:
     """The split's log-probabilities from the cache, or computed now and saved there."""
     ids = list(split["id"])
     key = {"version": LOGITS_VERSION, "model": model_fingerprint(model_dir), "split": split_key(split)}

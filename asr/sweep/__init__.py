@@ -2,6 +2,6 @@
 asynchronous workers sharing one storage, resume after a crash, an MLflow parent per study."""
 
 from asr.sweep.driver import run_study
-from asr.sweep.study import SweepSpec
+from asr.sweep.spec import SweepSpec
 
 __all__ = ["SweepSpec", "run_study"]

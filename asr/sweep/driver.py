@@ -15,9 +15,11 @@ from pathlib import Path
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from asr.sweep.parent_run import close_parent, open_parent, safe_url
+from asr.sweep.parent_run import close_parent, open_parent
 from asr.sweep.report import summarize
-from asr.sweep.study import SweepSpec, enqueue_grid, load_study, n_trials_total, requeue_interrupted, storage_url, work
+from asr.sweep.storage import safe_url, storage_url
+from asr.sweep.spec import SweepSpec
+from asr.sweep.study import enqueue_grid, load_study, n_trials_total, requeue_interrupted, work
 
 log = logging.getLogger(__name__)
 

@@ -8,21 +8,20 @@ worker, on any node, files its trials under it.
 from __future__ import annotations
 
 import logging
-import re
 from datetime import datetime
 from pathlib import Path
 
 import optuna
 import pandas as pd
-from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.time import get_current_time_millis
 from omegaconf import OmegaConf
 
 from asr.sweep.space import flatten_params
-from asr.sweep.study import SweepSpec, n_trials_total, storage_url
-from asr.tracking import TrackingUnavailableError, connect, git_state
+from asr.sweep.storage import safe_url, storage_url
+from asr.sweep.spec import SweepSpec
+from asr.sweep.study import n_trials_total
+from asr.tracking import TrackingUnavailableError, close_parent_run, connect, create_parent_run
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +32,7 @@ def _client(spec: SweepSpec) -> tuple[MlflowClient, str]:
     try:
         return connect(OmegaConf.create(spec.tracking))
     except TrackingUnavailableError as err:
-        raise SystemExit(f"Not starting the sweep: {err}") from err
-
-
-def safe_url(url: str) -> str:
-    """The storage URL without its password, for tags and logs."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+        raise TrackingUnavailableError(f"not starting the sweep: {err}") from err
 
 
 def open_parent(study: optuna.Study, spec: SweepSpec) -> str | None:
@@ -57,14 +51,12 @@ def open_parent(study: optuna.Study, spec: SweepSpec) -> str | None:
         except MlflowException:
             log.warning("Study %r: its parent run %s is not in %s; opening a new one", study.study_name, run_id, client.tracking_uri)
     cfg = spec.study
-    tags = {**git_state(), "sweep_role": "parent", "sweep_dir": str(spec.dir.resolve()), "optuna_study": cfg["study_name"],
+    tags = {"sweep_dir": str(spec.dir.resolve()), "optuna_study": cfg["study_name"],
             "optuna_storage": safe_url(storage_url(cfg)), "overrides": " ".join(spec.base_overrides), "launcher": "optuna"}
-    run_id = client.create_run(experiment_id, run_name=f"study {cfg['study_name']}", tags=tags).info.run_id
-    client.set_tag(run_id, "sweep_id", run_id)
     params = {"sampler": cfg["sampler"]["name"], "pruner": cfg["pruner"]["name"], "n_trials": n_trials_total(spec),
               "workers": cfg["workers"], "metric": cfg["metric"], "direction": cfg["direction"],
               "swept_keys": ",".join(flatten_params(cfg["params"])), **{f"space.{k}": v for k, v in flatten_params(cfg["params"]).items()}}
-    client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+    run_id = create_parent_run(client, experiment_id, f"study {cfg['study_name']}", tags, params)
     study.set_user_attr(PARENT_ATTR, run_id)
     log.info("Study %r: MLflow parent run %s in %s", study.study_name, run_id, client.tracking_uri)
     return run_id
@@ -76,20 +68,17 @@ def close_parent(study: optuna.Study, spec: SweepSpec, table: pd.DataFrame, file
     if not run_id:
         return
     client, _ = _client(spec)
-    for path in files:
-        if path and path.exists():
-            client.log_artifact(run_id, str(path), artifact_path="plots" if path.suffix == ".png" else None)
-    now = get_current_time_millis()
     metrics = {f"trials_{state.lower()}": int(n) for state, n in (table["state"].value_counts().items() if len(table) else [])}
+    tags = {}
     if len(table):
         metrics["train_steps_total"] = int(table["steps"].sum())
         complete = table[table["state"] == "COMPLETE"]
         if len(complete):
             best = complete.iloc[0]
             metrics["best_eval_wer"] = float(best["value"])
-            client.set_tag(run_id, "best_trial", str(int(best["trial"])))
+            tags["best_trial"] = str(int(best["trial"]))
             if best["mlflow_run_id"]:
-                client.set_tag(run_id, "best_run_id", best["mlflow_run_id"])
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-    client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+                tags["best_run_id"] = best["mlflow_run_id"]
+    close_parent_run(client, run_id, status, metrics, tags,
+                     [(path, "plots" if path.suffix == ".png" else None) for path in files if path])
     log.info("Study %r: parent run %s closed %s", study.study_name, run_id, status)

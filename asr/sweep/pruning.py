@@ -8,15 +8,17 @@ import optuna
 from omegaconf import DictConfig
 from transformers import TrainerCallback
 
+from asr.trainer import RunPruned
+
 log = logging.getLogger(__name__)
 
 
 class OptunaPruningCallback(TrainerCallback):
     """Reports the metric at every evaluation (step = global step) and stops a hopeless trial.
 
-    Raising `optuna.TrialPruned` leaves the Trainer at once; `asr.training.run` closes the
-    trial's MLflow run with `trial_state=PRUNED` (curves kept) and Optuna records the trial
-    PRUNED with the last reported value.
+    Raising `RunPruned` leaves the Trainer at once; the training run closes the trial's MLflow
+    run with `trial_state=PRUNED` (curves kept), and the objective turns it into Optuna's
+    `TrialPruned`, so Optuna records the trial PRUNED with the last reported value.
     """
 
     def __init__(self, trial: optuna.Trial, metric: str = "eval_wer") -> None:
@@ -31,7 +33,7 @@ class OptunaPruningCallback(TrainerCallback):
         if self.trial.should_prune():
             self.trial.set_user_attr("pruned_at_step", state.global_step)
             log.info("trial %d pruned at step %d: %s %.4f", self.trial.number, state.global_step, self.metric, value)
-            raise optuna.TrialPruned(f"{self.metric} {value:.4f} at step {state.global_step}")
+            raise RunPruned(f"{self.metric} {value:.4f} at step {state.global_step}")
 
 
 def build_pruner(cfg: DictConfig, eval_steps: int) -> optuna.pruners.BasePruner:

@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from asr.sweep.space import to_overrides
-from asr.sweep.study import CONF_DIR, SweepSpec, counted
+from asr.sweep.spec import SweepSpec
+from asr.sweep.study import CONF_DIR, counted
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def write_best_yaml(study: optuna.Study, spec: SweepSpec) -> Path | None:
     best = best_trial(study)
     if best is None:
         return None
-    overrides = [*spec.base_overrides, *spec.space().fixed, *to_overrides(best.params)]
+    overrides = spec.trial_overrides(best.params)
     name = best_experiment_name(spec)
     header = (f"# Best trial ({best.number}, {spec.study['metric']} {best.value:.4f}) of Optuna study "
               f"{spec.study['study_name']!r}, written by sweep.py.\n"

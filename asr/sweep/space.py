@@ -23,8 +23,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
+from asr.errors import UserError
 
-class SearchSpaceError(ValueError):
+
+class SearchSpaceError(UserError, ValueError):
     """A sweep parameter Optuna cannot search; the message names the fix."""
 
 

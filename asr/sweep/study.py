@@ -14,7 +14,6 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,16 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.exceptions import StorageInternalError
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from asr.paths import REPO_DIR
 from asr.sweep.pruning import OptunaPruningCallback, build_pruner
-from asr.sweep.space import SearchSpace, format_value, parse_space, to_overrides
-from asr.tracking import SweepJob, set_sweep_job, tracking_uri
+from asr.sweep.storage import mark_failed, open_storage, stored_trial, system_attrs
+from asr.sweep.space import SearchSpace, format_value, to_overrides
+from asr.sweep.spec import SweepSpec
+from asr.trainer import RunPruned
+from asr.tracking import SweepJob, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -41,108 +43,7 @@ OVER_BUDGET = "over_budget"  # user attr of a trial started after another worker
 INTERRUPTED = "interrupted"  # user attr of a trial stopped by Ctrl-C / SIGTERM: it runs again on resume
 
 
-@dataclass
-class SweepSpec:
-    """Everything a worker needs, JSON-serialisable: it crosses process and SLURM boundaries."""
-
-    study: dict[str, Any]  # the resolved `sweep` config node
-    base_overrides: list[str]  # the sweep command's train overrides, applied to every trial
-    tracking: dict[str, Any]  # the resolved `tracking` node
-    parent_run_id: str | None = None
-    eval_steps: int | None = None  # the trials' trainer.eval_steps: converts the pruner's warm-up evals to steps
-    search_space: SearchSpace | None = field(default=None, repr=False)
-
-    @property
-    def cfg(self) -> DictConfig:
-        return OmegaConf.create(self.study)
-
-    @property
-    def dir(self) -> Path:
-        return Path(self.study["dir"])
-
-    def space(self) -> SearchSpace:
-        if self.search_space is None:
-            self.search_space = parse_space(self.study["params"])
-        return self.search_space
-
-    def save(self, path: Path) -> None:
-        data = {k: v for k, v in asdict(self).items() if k != "search_space"}
-        path.write_text(json.dumps(data, indent=2))
-
-    @classmethod
-    def load(cls, path: Path) -> "SweepSpec":
-        return cls(**json.loads(Path(path).read_text()))
-
-
-def train_overrides(task_overrides: list[str]) -> list[str]:
-    """The sweep command line minus the study's own settings: what every trial passes to train.py's config."""
-    return [o for o in task_overrides if not o.lstrip("+~").startswith(("sweep", "hydra"))]
-
-
-def spec_from_config(cfg: DictConfig, task_overrides: list[str]) -> SweepSpec:
-    """sweep.py's composed config (conf/study.yaml) + its command line → the spec its workers share."""
-    return SweepSpec(study=OmegaConf.to_container(cfg.sweep, resolve=True), base_overrides=train_overrides(list(task_overrides)),
-                     tracking=OmegaConf.to_container(cfg.tracking, resolve=True))
-
-
-# ---- storage and study ------------------------------------------------------------------------
-def storage_url(study_cfg: DictConfig | dict) -> str:
-    """sweep.storage, or an SQLite file in the sweep folder (inspectable, heartbeats, optuna-dashboard)."""
-    return study_cfg["storage"] or f"sqlite:///{Path(study_cfg['dir']) / 'optuna.db'}"
-
-
-def open_storage(study_cfg: DictConfig | dict) -> optuna.storages.BaseStorage:
-    """An RDB storage with heartbeats: a worker that dies (kill -9, node lost) has its trial failed
-    after `grace_period` seconds and re-queued with the same parameters (`max_retry` times)."""
-    url = storage_url(study_cfg)
-    if url.endswith((".log", ".journal")):  # a JournalFileBackend file: no DB at all, but no heartbeats
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        log.warning("sweep.storage=%s is a journal file: a worker killed mid-trial leaves that trial RUNNING "
-                    "(journal storages have no heartbeat); prefer sqlite:/// or postgresql://", url)
-        return JournalStorage(JournalFileBackend(url))
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    with warnings.catch_warnings():  # heartbeats have been "experimental" since optuna 2.8; we rely on them knowingly
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return _rdb_storage(url, engine_kwargs, study_cfg)
-
-
-def _rdb_storage(url: str, engine_kwargs: dict, study_cfg) -> RDBStorage:
-    storage = RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=study_cfg["heartbeat_interval"],
-        grace_period=study_cfg["grace_period"],
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=study_cfg["max_retry"], inherit_intermediate_values=True),
-    )
-    if url.startswith("sqlite"):
-        serialize_sqlite_transactions(storage.engine)
-    return storage
-
-
-def serialize_sqlite_transactions(engine) -> None:
-    """Make SQLite transactions take the write lock when they begin (BEGIN IMMEDIATE).
-
-    Optuna claims a queued trial with "read WAITING, then write RUNNING" in one transaction and
-    relies on SELECT ... FOR UPDATE, which SQLite ignores; and Python's sqlite3 only opens the
-    transaction at the write. Two workers could then both read WAITING and both run the same grid
-    point (seen in testing). SQLAlchemy's documented recipe: let SQLAlchemy emit the BEGIN itself.
-    """
-    from sqlalchemy import event
-
-    @event.listens_for(engine, "connect")
-    def _no_implicit_transactions(dbapi_connection, connection_record):
-        dbapi_connection.isolation_level = None
-
-    @event.listens_for(engine, "begin")
-    def _begin_immediate(connection):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-    engine.dispose()  # connections opened before the listeners existed are closed
-
-
+# ---- study ------------------------------------------------------------------------------------
 def build_sampler(cfg: DictConfig, worker: int = 0) -> optuna.samplers.BaseSampler:
     """sweep.sampler → an Optuna sampler. `grid` enqueues every point up front (see asr.sweep.study)."""
     seed = None if cfg.seed is None else cfg.seed + worker
@@ -161,7 +62,7 @@ def load_study(spec: SweepSpec, worker: int = 0) -> optuna.Study:
     """The study (created on first use). Each worker seeds its sampler with seed + worker index:
     workers sharing one seed would propose identical trials while the study is still random."""
     if spec.eval_steps is None:
-        spec.eval_steps = int(compose_train_config([*spec.base_overrides, *spec.space().fixed]).trainer.eval_steps)
+        spec.eval_steps = int(compose_train_config(spec.trial_overrides()).trainer.eval_steps)
     cfg = spec.cfg
     study = optuna.create_study(
         study_name=cfg.study_name,
@@ -202,11 +103,8 @@ def requeue_interrupted(study: optuna.Study, max_retry: int | None) -> int:
         requeue = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
         for trial in todo:
             if trial.state == TrialState.RUNNING:  # SystemExit (SIGTERM) leaves Optuna no chance to close it
-                try:
-                    study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    pass
-            requeue(study, study._storage.get_trial(trial._trial_id))
+                mark_failed(study, trial)
+            requeue(study, stored_trial(study, trial))
     return len(todo)
 
 
@@ -302,13 +200,12 @@ def make_objective(spec: SweepSpec, train_fn=None):
         run_training = train_fn or training.run
         _check_budget(trial, spec)
         params = {key: suggest(trial, key, dist) for key, dist in space.distributions.items()}
-        overrides = [*spec.base_overrides, *space.fixed, *to_overrides(params)]
+        overrides = spec.trial_overrides(params)
         out = trial_dir(spec, trial.number)
         trial.set_user_attr("output_dir", str(out))
         resume = _resume_checkpoint(trial, spec)
-        set_sweep_job(SweepJob(spec.parent_run_id, trial.number, {k: format_value(v) for k, v in params.items()},
-                               tags={"optuna_study": cfg.study_name, "optuna_trial": str(trial.number)})
-                      if spec.parent_run_id else None)
+        job = SweepJob(spec.parent_run_id, trial.number, {k: format_value(v) for k, v in params.items()},
+                       tags={"optuna_study": cfg.study_name, "optuna_trial": str(trial.number)}) if spec.parent_run_id else None
         callbacks = [OptunaPruningCallback(trial, cfg.metric)]
         try:
             train_cfg = compose_train_config(overrides)  # a sampled group option that does not exist fails here, with its reason
@@ -319,7 +216,8 @@ def make_objective(spec: SweepSpec, train_fn=None):
                     _free_cuda_memory()  # here, not in the except block: the exception's traceback holds the first model
                 _save_config(out, train_cfg, overrides)
                 try:
-                    metrics = run_training(train_cfg, out, overrides=overrides, callbacks=callbacks, resume_from_checkpoint=resume)
+                    metrics = run_training(train_cfg, out, overrides=overrides, callbacks=callbacks,
+                                           resume_from_checkpoint=resume, sweep_job=job)
                     break
                 except Exception as err:
                     if attempt == 1 and cfg.oom_retry and is_out_of_memory(err):
@@ -338,8 +236,8 @@ def make_objective(spec: SweepSpec, train_fn=None):
             trial.set_user_attr("metrics", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             _tag_child(spec, _mlflow_run_id(out), "COMPLETE")
             return float(value)
-        except optuna.TrialPruned:
-            raise
+        except RunPruned as pruned:
+            raise optuna.TrialPruned(str(pruned)) from pruned
         except (KeyboardInterrupt, SystemExit):  # Ctrl-C / SIGTERM / scancel: re-queued on the next start
             trial.set_user_attr(INTERRUPTED, True)
             raise
@@ -349,7 +247,6 @@ def make_objective(spec: SweepSpec, train_fn=None):
             log.error("trial %d failed: %s: %s", trial.number, type(err).__name__, err)
             raise
         finally:
-            set_sweep_job(None)
             run_id = _mlflow_run_id(out)
             if run_id:
                 trial.set_user_attr("mlflow_run_id", run_id)
@@ -372,7 +269,7 @@ def _check_budget(trial: optuna.Trial, spec: SweepSpec) -> None:
 
 def _resume_checkpoint(trial: optuna.Trial, spec: SweepSpec) -> str | None:
     """A re-queued trial whose worker died continues from the dead trial's last checkpoint."""
-    history = trial._get_latest_trial().system_attrs.get("retry_history", [])  # set by RetryHeartbeatStaleTrialCallback
+    history = system_attrs(trial).get("retry_history", [])  # set by RetryHeartbeatStaleTrialCallback
     for number in reversed(history):
         checkpoint = latest_checkpoint(trial_dir(spec, number))
         if checkpoint:

@@ -15,7 +15,8 @@ import asr  # noqa: F401  (registers the ${repo_dir:} resolver used in conf/)
 
 def main(spec_path: str, index: int = 0, threads: int | None = None) -> int:
     """`threads`: CPU threads for torch when several workers share one machine's cores."""
-    from asr.sweep.study import SweepSpec, work
+    from asr.sweep.spec import SweepSpec
+    from asr.sweep.study import work
 
     if threads:
         import torch

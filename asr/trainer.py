@@ -1,0 +1,258 @@
+"""The Trainer of a run: TrainingArguments from our short config names, our batching, collator,
+metrics and callbacks (`build_trainer`), and the process-wide torch settings of a trainer preset.
+
+`CTCTrainer` is the HF Trainer with batches sized by audio seconds (asr.batching), evaluation
+batches sorted by length, and padded frames forced to the CTC blank before metrics see them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import BatchSampler, DataLoader
+from transformers import Trainer, TrainerCallback, TrainingArguments, Wav2Vec2BertProcessor
+from transformers.trainer_utils import PredictionOutput, seed_worker
+
+from asr.batching import DurationBatchSampler, PadPolicy
+from asr.collator import STATS_KEY, CTCCollator
+from asr.errors import ConfigError
+from asr.inference import blank_padded_frames
+from asr.metrics import argmax_logits, make_compute_metrics
+from asr.throughput import BatchStats, ThroughputCallback
+from asr.tracking import MlflowMetricsCallback, MlflowRun
+
+log = logging.getLogger(__name__)
+
+LENGTH_COLUMN = "input_length"  # feature frames per utterance, stored by asr.features
+
+
+class RunPruned(Exception):
+    """Raised by a callback that stops a hopeless run early (a sweep's pruner). `asr.training.run`
+    closes the run's MLflow run FINISHED with `trial_state=PRUNED` and re-raises it."""
+
+
+def resolve_precision(precision: str) -> dict[str, bool]:
+    """auto = bf16 where the GPU supports it, else fp16 on CUDA, fp32 on CPU."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if precision in ("fp16", "bf16") and not cuda:
+        log.warning("trainer.precision=%s needs a CUDA GPU; training in fp32 on this machine", precision)
+        precision = "fp32"
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"trainer.precision={precision!r} is not a precision. Fix: trainer.precision=auto, fp32, fp16 or bf16")
+    return {"fp16": precision == "fp16", "bf16": precision == "bf16"}
+
+
+def _on_cuda(setting: bool, name: str) -> bool:
+    if setting and not torch.cuda.is_available():
+        log.info("trainer.%s applies to CUDA GPUs only; ignored on this machine", name)
+    return bool(setting) and torch.cuda.is_available()
+
+
+def configure_torch(cfg: DictConfig) -> None:
+    """Process-wide GPU settings of the trainer preset (no-ops on CPU); see conf/trainer/gpu_fast.yaml."""
+    if cfg.get("cuda_alloc_conf"):
+        # read by the CUDA caching allocator when it starts: set before anything touches the GPU
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", cfg.cuda_alloc_conf)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.memory._set_allocator_settings(cfg.cuda_alloc_conf)
+    if _on_cuda(cfg.get("tf32", False), "tf32"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    benchmark = cfg.get("cudnn_benchmark", False)
+    if benchmark == "auto":  # autotuning pays off only when the same few shapes come back
+        benchmark = bool(cfg.get("bucket_edges_seconds")) or (cfg.get("pad_to_multiple_of") or 1) > 1
+    if _on_cuda(benchmark, "cudnn_benchmark"):
+        torch.backends.cudnn.benchmark = True
+
+
+def frames_per_second(processor: Wav2Vec2BertProcessor) -> float:
+    """Feature frames per second of audio: 10 ms fbank frames, `stride` of them stacked (50/s for w2v-bert)."""
+    return 100.0 / processor.feature_extractor.stride
+
+
+def pad_policy(cfg: DictConfig, fps: float) -> PadPolicy:
+    return PadPolicy.from_seconds(cfg.get("pad_to_multiple_of"), cfg.get("bucket_edges_seconds"), fps)
+
+
+def build_training_args(cfg: DictConfig, output_dir: Path, layerdrop: float = 0.0) -> TrainingArguments:
+    """Our short, sweepable names (trainer.lr, trainer.epochs...) → TrainingArguments."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.warmup_ratio  # a float < 1 is a ratio
+    return TrainingArguments(
+        output_dir=str(output_dir / "checkpoints"),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=warmup,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        length_column_name="input_length",
+        eval_strategy="steps",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        load_best_model_at_end=True,
+        metric_for_best_model="wer",
+        greater_is_better=False,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available() and cfg.get("pin_memory", True),
+        dataloader_persistent_workers=cfg.dataloader_num_workers > 0,  # no worker restart at every epoch and evaluation
+        optim=cfg.get("optim", "adamw_torch"),
+        # layerdrop skips different layers on different ranks: DDP must allow unused parameters
+        ddp_find_unused_parameters=True if layerdrop > 0 else None,
+        seed=cfg.seed,
+        use_cpu=ddp_on_cpu(),
+        report_to="none",  # MLflow is handled by asr.tracking (see there why)
+        **resolve_precision(cfg.precision),
+        **OmegaConf.to_container(cfg.extra, resolve=True),
+    )
+
+
+def ddp_on_cpu() -> bool:
+    """torchrun on a machine without CUDA: accelerate needs cpu=True to use gloo (else each rank trains alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path, model, features: DatasetDict, processor, tracker: MlflowRun | None = None,
+                  callbacks: Sequence[TrainerCallback] = ()) -> tuple[CTCTrainer, ThroughputCallback]:
+    """The Trainer of a run: our batching, collator, metrics and callbacks (benchmarks build theirs here too)."""
+    fps = frames_per_second(processor)
+    pad = pad_policy(cfg.trainer, fps)
+    stats = BatchStats()
+    throughput = ThroughputCallback(stats, tracker, fps, cfg.trainer.get("peak_tflops"))
+    trainer = CTCTrainer(
+        model=model,
+        args=build_training_args(cfg.trainer, output_dir, model.config.layerdrop),
+        data_collator=CTCCollator(processor, pad, with_stats=True),
+        train_dataset=features["train"],
+        eval_dataset=features["dev"],
+        processing_class=processor,
+        compute_metrics=make_compute_metrics(processor.tokenizer),
+        preprocess_logits_for_metrics=argmax_logits,
+        callbacks=[*([MlflowMetricsCallback(tracker)] if tracker else []), throughput, *callbacks],
+        batch_seconds=cfg.trainer.get("batch_seconds"), pad=pad, frames_per_second=fps, batch_stats=stats,
+    )
+    return trainer, throughput
+
+
+class CTCTrainer(Trainer):
+    """The HF Trainer with our batching, and padded frames blanked before evaluation metrics see the logits.
+
+    - `batch_seconds` set: training batches come from `DurationBatchSampler` (at most that many
+      padded seconds each, similar lengths, shuffled per epoch); `None` keeps the Trainer's own
+      sampler and `per_device_train_batch_size`. The sampler is rank-aware, so accelerate's
+      batch sharding is made a pass-through, as the Trainer does for its own rank-aware sampler.
+    - Evaluation and prediction batches are sorted by length (fewest padded frames); `predict`
+      returns its rows in the dataset's order again.
+    - `batch_stats` receives the collator's per-batch numbers (asr.throughput).
+    """
+
+    def __init__(self, *args, batch_seconds: float | None = None, pad: PadPolicy = PadPolicy(),
+                 frames_per_second: float = 50.0, batch_stats: BatchStats | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_seconds, self.pad, self.frames_per_second, self.batch_stats = batch_seconds, pad, frames_per_second, batch_stats
+
+    def train_batch_sampler(self, dataset: Dataset) -> DurationBatchSampler:
+        return DurationBatchSampler(
+            dataset[LENGTH_COLUMN], max_frames=int(self.batch_seconds * self.frames_per_second), pad=self.pad,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            num_replicas=self.args.world_size, rank=self.args.process_index,
+        )
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.batch_seconds is None or LENGTH_COLUMN not in self.train_dataset.column_names:
+            return super().get_train_dataloader()
+        sampler = self.train_batch_sampler(self.train_dataset)
+        loader = self._batched_loader(self.train_dataset, sampler, "Training", is_training=True)
+        shard = getattr(loader, "batch_sampler", None)
+        if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
+            shard.num_processes, shard.process_index = 1, 0  # already one rank's share: do not re-shard
+        return loader
+
+    def get_eval_dataloader(self, eval_dataset: str | Dataset | None = None) -> DataLoader:
+        key = eval_dataset if isinstance(eval_dataset, str) else "eval"
+        cached = getattr(self, "_eval_dataloaders", {})
+        if self.args.dataloader_persistent_workers and key in cached:  # keep the workers alive between evaluations
+            return cached[key]
+        dataset = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
+        loader = self._sorted_eval_loader(self.eval_dataset if dataset is None else dataset, "Evaluation")
+        if loader is None:
+            return super().get_eval_dataloader(eval_dataset)
+        if self.args.dataloader_persistent_workers:
+            self._eval_dataloaders = {**cached, key: loader}
+        return loader
+
+    def get_test_dataloader(self, test_dataset: Dataset) -> DataLoader:
+        return self._sorted_eval_loader(test_dataset, "test") or super().get_test_dataloader(test_dataset)
+
+    def predict(self, test_dataset: Dataset, ignore_keys=None, metric_key_prefix: str = "test") -> PredictionOutput:
+        output = super().predict(test_dataset, ignore_keys, metric_key_prefix)
+        order = _eval_order(test_dataset)
+        if order is None:
+            return output
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        restore = lambda array: array[inverse] if isinstance(array, np.ndarray) else array  # noqa: E731
+        return PredictionOutput(predictions=restore(output.predictions), label_ids=restore(output.label_ids), metrics=output.metrics)
+
+    def _sorted_eval_loader(self, dataset, description: str) -> DataLoader | None:
+        order = _eval_order(dataset)
+        if order is None:
+            return None
+        # a plain BatchSampler (fixed size, with `batch_size`): accelerate shards it over ranks, and
+        # gather_for_metrics then returns the rows in this order on every world size
+        return self._batched_loader(dataset, BatchSampler(order.tolist(), self.args.eval_batch_size, drop_last=False), description)
+
+    def _batched_loader(self, dataset: Dataset, batch_sampler, description: str, is_training: bool = False) -> DataLoader:
+        """What Trainer._get_dataloader builds, with a batch sampler in place of batch_size + sampler."""
+        dataset = self._remove_unused_columns(dataset, description=description)
+        params = {
+            "batch_sampler": batch_sampler,
+            "collate_fn": self.data_collator,
+            "num_workers": self.args.dataloader_num_workers,
+            "pin_memory": self.args.dataloader_pin_memory,
+            "persistent_workers": self.args.dataloader_persistent_workers,
+            "multiprocessing_context": self.args.dataloader_multiprocessing_context,
+            "prefetch_factor": self.args.dataloader_prefetch_factor,
+            "in_order": self.args.dataloader_in_order,
+        }
+        if is_training:
+            params["worker_init_fn"] = partial(seed_worker, num_workers=self.args.dataloader_num_workers, rank=self.args.process_index)
+        return self.accelerator.prepare(DataLoader(dataset, **params))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        stats = inputs.pop(STATS_KEY, None)
+        if stats is not None and self.batch_stats is not None:
+            self.batch_stats.add(stats)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs.pop(STATS_KEY, None)
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        if logits is not None:
+            logits = blank_padded_frames(logits, inputs.get("attention_mask"), self.accelerator.unwrap_model(model))
+        return loss, logits, labels
+
+
+def _eval_order(dataset) -> np.ndarray | None:
+    """Longest utterances first (stable): the evaluation batch order, or None without a length column."""
+    if not isinstance(dataset, Dataset) or LENGTH_COLUMN not in dataset.column_names:
+        return None
+    return np.argsort(-np.asarray(dataset[LENGTH_COLUMN]), kind="stable")
