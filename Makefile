@@ -6,13 +6,17 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PORT   ?= 5000
+# KenLM's lmplz (builds n-gram LMs for asr.lm) is compiled from the kenlm source distribution into .venv/bin
+KENLM  ?= kenlm==0.3.0
+# Debian/Ubuntu packages that compiling it needs (`make lm-deps` installs them, as root)
+KENLM_APT ?= cmake g++ libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev
 ARGS   ?=
 # make sweep on a cluster: LAUNCHER=slurm (hydra/launcher=...), STORAGE=<study storage URL> (sweep.storage=...)
 LAUNCHER ?=
 STORAGE  ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train sweep test test-all lint format ui compare clean
+.PHONY: help setup lmplz lm-deps train sweep test test-all lint format ui compare clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,6 +31,21 @@ setup:  ## create .venv with everything installed (TORCH=... to choose the torch
 	  $(BIN)/python -m pip install --quiet -e ".[dev]"; \
 	  echo "$$want" > $(STAMP); \
 	fi
+	@[ -x $(BIN)/lmplz ] || $(MAKE) --no-print-directory lmplz || \
+	  echo "warning: KenLM's lmplz was not built, so 'python -m asr.lm build' cannot make LMs (decoding with one works). Fix: make lm-deps (as root), then make lmplz" >&2
+
+lmplz:  ## compile KenLM's lmplz + build_binary into .venv/bin, once (~2 min; needs the packages of lm-deps)
+	@echo "Compiling KenLM's lmplz from $(KENLM) (once, ~2 min)"
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	py=$(BIN)/python; [ -x $$py ] || py=$(PYTHON); \
+	$$py -m pip download --quiet --no-deps --no-binary kenlm "$(KENLM)" -d "$$tmp"; \
+	tar -xzf "$$tmp"/kenlm-*.tar.gz -C "$$tmp"; \
+	cmake -S "$$tmp"/kenlm-*/ -B "$$tmp/build" -DCMAKE_BUILD_TYPE=Release > "$$tmp/cmake.log" 2>&1 || { tail -15 "$$tmp/cmake.log" >&2; exit 1; }; \
+	cmake --build "$$tmp/build" --target lmplz build_binary -j $$(nproc) > "$$tmp/build.log" 2>&1 || { tail -15 "$$tmp/build.log" >&2; exit 1; }; \
+	mkdir -p $(BIN); cp "$$tmp/build/bin/lmplz" "$$tmp/build/bin/build_binary" $(BIN)/
+
+lm-deps:  ## install the Debian/Ubuntu packages that compiling lmplz needs (run as root)
+	apt-get update -qq && apt-get install -y -qq --no-install-recommends $(KENLM_APT)
 
 train: setup  ## train on the built-in corpus (ARGS="trainer.epochs=2 ..." for Hydra overrides)
 	$(BIN)/python train.py $(ARGS)

@@ -1,9 +1,11 @@
 """Score a trained model, or compare two scored runs, with intervals that say how sure we are.
 
-    python -m asr.evaluate run_dir=outputs/<date>/<time> [split=dev]
+    python -m asr.evaluate run_dir=outputs/<date>/<time> [split=dev] [decoder=greedy|beam|beam_lm]
     python -m asr.evaluate 'compare=[<folder A>,<folder B>]'
 (see conf/evaluate.yaml). Results go to a new folder and to a new MLflow run tagged
 `evaluates_run_id=<training run>`, so the training run stays exactly as it was logged.
+The split's logits are saved once (asr.lm.logits); beam decoders are compared with greedy
+decoding on the same utterances (paired bootstrap).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import asr  # noqa: F401  (registers ${repo_dir:})
 from asr import cli
 from asr.audit import run_audit
 from asr.errors import ConfigError
-from asr.inference import load_model, read_predictions, transcribe_features, write_predictions
+from asr.inference import load_model, read_predictions, write_predictions
+from asr.lm.decode import CTCDecoder, build_decoder
+from asr.lm.logits import cached_log_probs
 from asr.metrics import error_rates
 from asr.prepare import features_for, load_normalised
 from asr.bootstrap import (bootstrap_rates, char_confusions, confidence_interval, paired_difference, per_speaker,
@@ -108,6 +112,11 @@ def report_markdown(report: dict, title: str) -> str:
              f"| CER | {report['cer']:.4f} | [{b['cer_ci95'][0]:.4f}, {b['cer_ci95'][1]:.4f}] |", "",
              f"Words: {report['hits']} hits, {report['substitutions']} substitutions, {report['deletions']} deletions, "
              f"{report['insertions']} insertions. Intervals: {b['resamples']} bootstrap resamples of {b['unit']}s (seed {b['seed']}).", ""]
+    if "decoding" in report:
+        lines += ["Decoding: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in report["decoding"].items()), ""]
+    if "versus_greedy" in report:
+        lines += [f"Against greedy decoding of the same logits (A = greedy, B = this decoder): {report['versus_greedy']['wer']['verdict']}; "
+                  f"{report['versus_greedy']['cer']['verdict']}", ""]
     if report["per_speaker"]:
         lines += ["## WER per speaker (worst first)", "", "| speaker | utterances | words | WER |", "|---|---|---|---|"]
         lines += [f"| {r['speaker']} | {r['utterances']} | {r['words']} | {r['wer']:.4f} |" for r in report["per_speaker"]] + [""]
@@ -118,30 +127,49 @@ def report_markdown(report: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate(cfg: DictConfig, output_dir: Path) -> dict:
+def scoring_split(cfg: DictConfig, split_name: str, output_dir: Path):
+    """(model_dir, dataset config, training run id, model, processor, audited split, references), as training scored it."""
     model_dir, dataset_cfg, audit_cfg, train_run_id = resolve_source(cfg)
     with open_dict(cfg):  # the evaluation is filed in the training run's experiment (asr-${dataset.name})
         cfg.dataset = dataset_cfg
     splits = load_normalised(dataset_cfg)
     model, processor = load_model(model_dir)
-    features = features_for(splits, processor, dataset_cfg, cfg.paths.cache_dir, only=(cfg.split,))
+    features = features_for(splits, processor, dataset_cfg, cfg.paths.cache_dir, only=(split_name,))
     split = run_audit(features, audit_cfg, model.config, output_dir / "data_audit.json",  # as training scored it
-                      allow_missing=dataset_cfg.get("allow_missing_audio", False))[0][cfg.split]
-    hyps = transcribe_features(model, processor, split, cfg.batch_size, desc=f"Transcribing {cfg.split}")
+                      allow_missing=dataset_cfg.get("allow_missing_audio", False))[0][split_name]
     # References as training scored them: the labels decoded (characters outside the train vocabulary → [UNK]).
     refs = processor.tokenizer.batch_decode(split["labels"], group_tokens=False)
+    return model_dir, dataset_cfg, train_run_id, model, processor, split, refs
+
+
+def evaluate(cfg: DictConfig, output_dir: Path) -> dict:
+    model_dir, dataset_cfg, train_run_id, model, processor, split, refs = scoring_split(cfg, cfg.split, output_dir)
+    log_probs, _ = cached_log_probs(model_dir, model, processor, split, cfg.split, cfg.paths.cache_dir, cfg.batch_size)
+    decoder = build_decoder(cfg.decoder, cfg.lm, processor.tokenizer, model.config.vocab_size, model_dir)
+    hyps, seconds = decoder.decode_all(log_probs)
     report = build_report(split["id"], split["speaker"], refs, hyps, cfg)
     report["source"] = {"model_dir": str(model_dir), "split": cfg.split, "dataset": dataset_cfg.name, "training_run": train_run_id}
+    report["decoding"] = {**decoder.describe(), "seconds_per_utterance": seconds}
+    if decoder.kind != "greedy":  # the same logits decoded greedily: does the beam (and LM) really help?
+        greedy = CTCDecoder("greedy", processor.tokenizer, model.config.vocab_size).decode_all(log_probs)[0]
+        report["versus_greedy"] = paired_rates(refs, greedy, hyps, split["speaker"], cfg.bootstrap)
     _write(output_dir, cfg.split, report, split, refs, hyps)
 
-    tracker = MlflowRun(cfg.tracking, f"evaluate {cfg.split}: {model_dir}", {"evaluates_run_id": train_run_id or "", "split": cfg.split})
+    tracker = MlflowRun(cfg.tracking, f"evaluate {cfg.split}: {model_dir}",
+                        {"evaluates_run_id": train_run_id or "", "split": cfg.split, "decoder": decoder.kind})
     tracker.log_metrics({f"{cfg.split}_{k}": report[k] for k in ("wer", "cer", "substitutions", "deletions", "insertions")}, step=0)
+    tracker.log_metrics({f"{cfg.split}_decode_seconds_per_utterance": seconds}, step=0)
+    if "versus_greedy" in report:
+        tracker.log_metrics({f"{cfg.split}_wer_minus_greedy": report["versus_greedy"]["wer"]["difference"]}, step=0)
     tracker.log_metrics({f"{cfg.split}_wer_ci95_low": report["bootstrap"]["wer_ci95"][0], f"{cfg.split}_wer_ci95_high": report["bootstrap"]["wer_ci95"][1]}, step=0)
     for name in ("report.json", "report.md", f"predictions_{cfg.split}.jsonl"):
         tracker.log_artifact(output_dir / name)
     tracker.end("FINISHED")
     b = report["bootstrap"]
-    log.info("%s WER %.4f [%.4f, %.4f], CER %.4f → %s", cfg.split, report["wer"], *b["wer_ci95"], report["cer"], output_dir / "report.md")
+    log.info("%s WER %.4f [%.4f, %.4f], CER %.4f (%s decoding) → %s", cfg.split, report["wer"], *b["wer_ci95"], report["cer"],
+             decoder.kind, output_dir / "report.md")
+    if "versus_greedy" in report:
+        log.info("%s versus greedy (A = greedy, B = %s): %s", cfg.split, decoder.kind, report["versus_greedy"]["wer"]["verdict"])
     return report
 
 
@@ -159,11 +187,16 @@ def paired_comparison(folder_a: Path, folder_b: Path, split: str, bootstrap: Dic
         raise ConfigError(f"{folder_a} and {folder_b} did not transcribe the same utterances with the same references. "
                           "Fix: compare two runs evaluated on one split of one dataset")
     ids = sorted(a)
-    refs = [a[i]["reference"] for i in ids]
-    counts_a, counts_b = utterance_counts(refs, [a[i]["hypothesis"] for i in ids]), utterance_counts(refs, [b[i]["hypothesis"] for i in ids])
-    unit, groups = bootstrap_groups([a[i].get("speaker", "") for i in ids], bootstrap.unit)
-    result = {"a": str(folder_a), "b": str(folder_b), "split": split, "utterances": len(ids), "unit": unit,
-              "resamples": bootstrap.resamples, "seed": bootstrap.seed}
+    paired = paired_rates([a[i]["reference"] for i in ids], [a[i]["hypothesis"] for i in ids], [b[i]["hypothesis"] for i in ids],
+                          [a[i].get("speaker", "") for i in ids], bootstrap)
+    return {"a": str(folder_a), "b": str(folder_b), "split": split, **paired}
+
+
+def paired_rates(refs: list[str], hyps_a: list[str], hyps_b: list[str], speakers: list[str], bootstrap: DictConfig) -> dict:
+    """Paired bootstrap of WER and CER: B minus A on the same resampled utterances (or speakers)."""
+    counts_a, counts_b = utterance_counts(refs, hyps_a), utterance_counts(refs, hyps_b)
+    unit, groups = bootstrap_groups(speakers, bootstrap.unit)
+    result = {"utterances": len(refs), "unit": unit, "resamples": bootstrap.resamples, "seed": bootstrap.seed}
     for name, errors, lengths in (("wer", "word_errors", "words"), ("cer", "char_errors", "chars")):
         diff = paired_difference(counts_a[errors], counts_b[errors], counts_a[lengths], groups, bootstrap.resamples, bootstrap.seed)
         result[name] = {**diff, "verdict": verdict(diff, name.upper())}

@@ -25,6 +25,7 @@ from asr.errors import UserError
 from asr.tracking import tracking_uri
 
 COLUMNS = ["best_eval_wer", "test_wer", "test_cer", "runtime_min", "status"]
+LM_COLUMNS = ["test_lm_wer", "test_lm_cer"]  # jobs run with lm.after_training=true: test decoded with the n-gram LM too
 
 
 def find_sweep(client: MlflowClient, sweep_id: str) -> Run:
@@ -63,6 +64,7 @@ def summary_table(client: MlflowClient, parent: Run) -> pd.DataFrame:
         ended = run.info.end_time or int(time.time() * 1000)
         rows.append({"job": int(run.data.tags["job_num"]), **dict(sorted(swept.items())),
                      **{m: run.data.metrics.get(m, float("nan")) for m in ("best_eval_wer", "test_wer", "test_cer")},
+                     **{m: run.data.metrics[m] for m in LM_COLUMNS if m in run.data.metrics},
                      "runtime_min": round((ended - run.info.start_time) / 60000, 1), "status": run.info.status,
                      "error": run.data.tags.get("error", ""), "run_id": run.info.run_id})
     table = pd.DataFrame(rows, columns=None if rows else ["job", *COLUMNS, "error", "run_id"])
@@ -70,7 +72,7 @@ def summary_table(client: MlflowClient, parent: Run) -> pd.DataFrame:
 
 
 def swept_keys(table: pd.DataFrame) -> list[str]:
-    return [c for c in table.columns if c not in ("job", *COLUMNS, "error", "run_id")]
+    return [c for c in table.columns if c not in ("job", *COLUMNS, *LM_COLUMNS, "error", "run_id")]
 
 
 def plot_sweep(client: MlflowClient, table: pd.DataFrame, path: Path) -> Path:

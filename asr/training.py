@@ -156,10 +156,14 @@ def _train_and_test(cfg, output_dir: Path, model, features: DatasetDict, process
         return metrics
     processor.save_pretrained(str(output_dir / "model"))
     write_predictions(output_dir / "predictions_test.jsonl", features["test"]["id"], features["test"]["speaker"], references, hypotheses)
+    if cfg.get("lm") and cfg.lm.after_training:  # greedy and n-gram LM test WER side by side (asr/lm/after_training.py)
+        from asr.lm.after_training import decode_test_with_lm
+
+        metrics.update(decode_test_with_lm(cfg, output_dir, trainer.model, features, processor))
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("test_")}, step=trainer.state.global_step)
     tracker.log_metrics({f"best_{k}": v for k, v in metrics.items() if k in ("eval_cer", "eval_loss")}, step=trainer.state.global_step)
-    for name in ("metrics.json", "predictions_test.jsonl", "model/vocab.json"):
+    for name in ("metrics.json", "predictions_test.jsonl", "model/vocab.json", "predictions_test_lm.jsonl", "model/lm/lm.json"):
         tracker.log_artifact(output_dir / name)
     log.info("eval WER %.4f (best, step %s) | test WER %.4f, CER %.4f | %s",
              metrics.get("eval_wer", float("nan")), metrics.get("best_step"), metrics["test_wer"], metrics["test_cer"], output_dir)

@@ -1,7 +1,8 @@
 """The built-in corpus: Nepali sentences spoken by eSpeak NG, so every run works offline.
 
-Sentences are random 3-8 word strings from a shipped list of common Nepali words; each is
-spoken by a random voice variant at a random speed and pitch (one variant = one speaker).
+Sentences come from a small Nepali grammar (subject-object-verb order, verbs agreeing with their
+subject; asr/data/nepali_grammar.py), or, with `sentences: words`, are random 3-8 word strings
+from a list of common Nepali words. Each is spoken by a random voice variant at a random speed and pitch (one variant = one speaker).
 Generation is deterministic given the config and is cached under a content hash, so a
 changed setting makes a new corpus and an unchanged one is never regenerated.
 
@@ -30,13 +31,14 @@ from asr.data import SPLITS, DataError, Rows
 from asr.data.audio import mono_resampled
 from asr.data.espeak import Voice, engine_version, load_speaker
 from asr.data.manifest import read_manifest
+from asr.data.nepali_grammar import sentence as grammar_sentence
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2  # bump when the generation code changes what it writes
+GENERATOR_VERSION = 3  # bump when the generation code changes what it writes
 CHUNK = 250  # utterances per fresh process; fixed, so the corpus never depends on the worker count
 DEFAULT_WORDS = Path(__file__).with_name("nepali_words.txt")
-RECIPE_KEYS = ("seed", "sizes", "min_words", "max_words", "language", "voices", "speed", "pitch", "sample_rate")
+RECIPE_KEYS = ("seed", "sentences", "sizes", "min_words", "max_words", "language", "voices", "speed", "pitch", "sample_rate")
 
 Utterance = tuple[str, str, str, Voice]  # split, id, text, voice
 
@@ -47,15 +49,22 @@ def read_words(path: str | Path | None) -> list[str]:
     return list(dict.fromkeys(w.strip() for w in lines if w.strip() and not w.startswith("#")))
 
 
-def draw_sentences(words: list[str], sizes: dict[str, int], min_words: int, max_words: int, rng) -> dict[str, list[str]]:
-    """Distinct sentences, so no test sentence was seen in training."""
+def draw_sentences(words: list[str], sizes: dict[str, int], min_words: int, max_words: int, rng,
+                   source: str = "grammar") -> dict[str, list[str]]:
+    """Distinct sentences, so no test sentence was seen in training (nor in an LM built from train)."""
+    if source not in ("grammar", "words"):
+        raise DataError(f"dataset.sentences={source!r}: choose grammar or words")
     total = sum(sizes.values())
     sentences: dict[str, None] = {}
     for _ in range(total * 100):
         if len(sentences) == total:
             break
-        n = int(rng.integers(min_words, max_words + 1))
-        sentences[" ".join(rng.choice(words, size=n))] = None
+        if source == "grammar":
+            text = grammar_sentence(rng)
+            if min_words <= len(text.split()) <= max_words:
+                sentences[text] = None
+        else:
+            sentences[" ".join(rng.choice(words, size=int(rng.integers(min_words, max_words + 1))))] = None
     else:
         raise DataError(f"could not draw {total} distinct sentences; lower dataset.sizes or raise dataset.max_words")
     ordered, out, start = list(sentences), {}, 0
@@ -68,7 +77,7 @@ def draw_sentences(words: list[str], sizes: dict[str, int], min_words: int, max_
 def plan(cfg: DictConfig, words: list[str]) -> list[Utterance]:
     """Every random choice, made up front from one seeded generator."""
     rng = np.random.default_rng(cfg.seed)
-    sentences = draw_sentences(words, dict(cfg.sizes), cfg.min_words, cfg.max_words, rng)
+    sentences = draw_sentences(words, dict(cfg.sizes), cfg.min_words, cfg.max_words, rng, cfg.get("sentences", "words"))
     utterances = []
     for split in SPLITS:
         for index, text in enumerate(sentences[split]):
