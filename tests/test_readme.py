@@ -88,6 +88,10 @@ COMMANDS = {
     "dataset.test=/data/ne/test.jsonl": "test_evaluate_a_model_folder_on_a_manifest",
     f".venv/bin/python -m asr.evaluate 'compare=[{RUN_A},{RUN_B}]'": "test_compare_two_runs",
     f".venv/bin/python -m asr.transcribe {RUN_A}/model talk.flac call.wav": "test_transcribe_files",
+    f".venv/bin/python -m asr.lm build run_dir={RUN_A}": "test_lm_build_tune_and_evaluate",
+    f".venv/bin/python -m asr.lm tune run_dir={RUN_A}": "test_lm_build_tune_and_evaluate",
+    f".venv/bin/python -m asr.evaluate run_dir={RUN_A} decoder=beam_lm": "test_lm_build_tune_and_evaluate",
+    ".venv/bin/python train.py lm.after_training=true": "test_train_with_the_lm_after_training",
 }
 
 
@@ -459,3 +463,26 @@ def test_transcribe_files(checkout, run_a):
     out = checkout.run(f".venv/bin/python -m asr.transcribe {RUN_A}/model talk.flac call.wav", **{RUN_A: str(run_a)}).stdout
     lines = out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == ["talk.flac", "call.wav"]
+
+
+# ---- language-model decoding ----------------------------------------------------------------------
+
+def test_lm_build_tune_and_evaluate(checkout, run_a):
+    """On a copy of run A (the other evaluate tests need run A without an LM)."""
+    run = run_a.parent / f"{run_a.name}-lm"
+    shutil.copytree(checkout.root / run_a, checkout.root / run)
+    folder = {RUN_A: str(run)}
+    checkout.run(f".venv/bin/python -m asr.lm build run_dir={RUN_A}", **folder)
+    assert (checkout.root / run / "model" / "lm" / "unigrams.txt").is_file()
+    checkout.run(f".venv/bin/python -m asr.lm tune run_dir={RUN_A}", "lm.tune.trials=3", **folder)
+    tuned = json.loads((checkout.root / run / "model" / "lm" / "lm.json").read_text())
+    assert {"alpha", "beta"} <= set(tuned)
+    checkout.run(f".venv/bin/python -m asr.evaluate run_dir={RUN_A} decoder=beam_lm", **folder)
+    report = json.loads(sorted(checkout.root.glob("outputs/evaluate/*/*/report.json"))[-1].read_text())
+    assert report["decoding"]["decoder"] == "beam_lm" and "verdict" in report["versus_greedy"]["wer"]
+
+
+def test_train_with_the_lm_after_training(checkout):
+    run = checkout.new_run(".venv/bin/python train.py lm.after_training=true", FAST, "lm.tune.trials=3")
+    metrics = _metrics(checkout, run)
+    assert "test_lm_wer" in metrics and (checkout.root / run / "model" / "lm" / "lm.json").is_file()
