@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +17,6 @@ from asr import transcribe
 from asr.data import load_splits
 from asr.evaluate import compare, evaluate
 from asr.metrics import error_rates
-from asr.paths import REPO_DIR
 from asr.bootstrap import bootstrap_rates, confidence_interval, paired_difference, utterance_counts, verdict
 from conftest import SESSION_DIR, compose_cfg
 
@@ -110,12 +107,10 @@ def test_compare_a_model_with_itself_and_with_an_untrained_one(learned, tmp_path
     assert (tmp_path / "versus" / "compare.json").is_file()
 
 
-def test_evaluate_command_line(learned, tmp_path):
+def test_evaluate_on_dev_gives_the_best_checkpoints_eval_wer(learned, tmp_path):
+    """(The command line itself, `python -m asr.evaluate mlflow_run=... split=dev`, runs in tests/test_readme.py.)"""
     cfg, run_dir, metrics = learned
-    command = [sys.executable, "-m", "asr.evaluate", f"run_dir={run_dir}", "split=dev", f"hydra.run.dir={tmp_path}",
-               f"paths.cache_dir={SESSION_DIR / 'cache'}", "tracking.enabled=false"]
-    result = subprocess.run(command, cwd=REPO_DIR, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    evaluate(_eval_cfg(f"run_dir={run_dir}", "split=dev", "tracking.enabled=false"), tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["source"]["split"] == "dev" and report["utterances"] == 40
     assert report["wer"] == metrics["eval_wer"]  # the saved model is the best checkpoint, chosen on dev

@@ -101,6 +101,7 @@ def test_epoch_grid_on_the_sqlite_store(tmp_path):
     assert (tmp_path / "summary.csv").is_file()
 
 
+@pytest.mark.slow  # the SLURM grid on a real MLflow server (tests/test_cluster.py) runs in the default suite
 def test_parallel_grid_on_a_tracking_server(mlflow_server, tmp_path, capsys):
     result = _train("-m", "hydra/launcher=local_parallel", "trainer.epochs=1,2", *FAST_GRID,
                     "tracking.experiment=grid-server", f"hydra.sweep.dir={tmp_path}", uri=mlflow_server)

@@ -290,6 +290,7 @@ def test_killed_mid_trial_then_rerun_resumes_the_study_to_its_total(tmp_path, si
 
 
 # ---- the Hydra sweeper door -------------------------------------------------------------------
+@pytest.mark.slow  # the plugin door as README types it runs in tests/test_readme.py
 def test_train_py_multirun_with_the_optuna_sweeper_plugin_and_submitit_workers(tmp_path):
     """`train.py -m hydra/sweeper=optuna`, its two workers as a submitit job array (local executor,
     the same code path as hydra/launcher=slurm)."""
