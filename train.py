@@ -1,7 +1,7 @@
 """Train one configuration and return its eval WER (so any Hydra sweeper can minimise it).
 
-    python train.py                            # built-in synthetic Nepali corpus, tiny model, CPU
-    python train.py -m trainer.epochs=8,20,40  # a grid, one job per value
+python train.py                            # built-in synthetic Nepali corpus, tiny model, CPU
+python train.py -m trainer.epochs=8,20,40  # a grid, one job per value
 """
 
 import hydra
@@ -22,7 +22,9 @@ def main(cfg: DictConfig) -> float:
     with cli.user_errors():
         if cfg.plan:  # plan=true: this run's config check and GPU-hours, no training (-m grids: asr.plan.PlanCallback)
             raise SystemExit(print_plan([("0", list(hydra_cfg.overrides.task), [])], "Plan of `train.py`"))
-        metrics = run(cfg, hydra_cfg.runtime.output_dir, overrides=hydra_cfg.overrides.task, sweep_job=sweep_job(hydra_cfg))
+        metrics = run(
+            cfg, hydra_cfg.runtime.output_dir, overrides=hydra_cfg.overrides.task, sweep_job=sweep_job(hydra_cfg)
+        )
     return metrics[cfg.optimized_metric]
 
 

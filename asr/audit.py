@@ -65,42 +65,72 @@ def classify(row: dict, split: str, cfg: DictConfig, model_config: Wav2Vec2BertC
     return "", ""
 
 
-def run_audit(features: DatasetDict, cfg: DictConfig, model_config: Wav2Vec2BertConfig, report_path: Path,
-              allow_missing: bool = False) -> tuple[DatasetDict, dict]:
+def run_audit(
+    features: DatasetDict,
+    cfg: DictConfig,
+    model_config: Wav2Vec2BertConfig,
+    report_path: Path,
+    allow_missing: bool = False,
+) -> tuple[DatasetDict, dict]:
     """Clean splits + the report (also written to report_path); raises past max_bad_fraction.
 
     `allow_missing` (dataset.allow_missing_audio): files the user knows are absent are listed as
     missing_file like any other drop, but do not count towards max_bad_fraction.
     """
-    columns = ["id", "audio_path", "text", "text_rejected", "duration", "rms_db", "labels", "input_length", "audio_error"]
+    columns = [
+        "id",
+        "audio_path",
+        "text",
+        "text_rejected",
+        "duration",
+        "rms_db",
+        "labels",
+        "input_length",
+        "audio_error",
+    ]
     clean, files, totals = DatasetDict(), [], {}
     for split, rows in features.items():
         keep = []
         for index, row in enumerate(rows.select_columns(columns)):
             reason, detail = classify(row, split, cfg, model_config)
             if reason:
-                files.append({"split": split, "id": row["id"], "path": row["audio_path"], "reason": reason, "detail": detail})
+                files.append(
+                    {"split": split, "id": row["id"], "path": row["audio_path"], "reason": reason, "detail": detail}
+                )
             else:
                 keep.append(index)
         clean[split] = rows.select(keep) if len(keep) < len(rows) else rows
         totals[split] = len(rows)
     by_reason = Counter(f["reason"] for f in files)
-    report = {"rows": sum(totals.values()), "quarantined": len(files), "by_reason": dict(by_reason.most_common()),
-              "by_split": {s: {"rows": totals[s], "quarantined": sum(f["split"] == s for f in files)} for s in totals},
-              "settings": {k: cfg[k] for k in cfg}, "files": files}
+    report = {
+        "rows": sum(totals.values()),
+        "quarantined": len(files),
+        "by_reason": dict(by_reason.most_common()),
+        "by_split": {s: {"rows": totals[s], "quarantined": sum(f["split"] == s for f in files)} for s in totals},
+        "settings": {k: cfg[k] for k in cfg},
+        "files": files,
+    }
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     reasons = ", ".join(f"{reason} {count}" for reason, count in by_reason.most_common())
-    log.info("audit: %d rows, %d quarantined%s → %s", report["rows"], len(files), f" ({reasons})" if files else "", report_path)
+    log.info(
+        "audit: %d rows, %d quarantined%s → %s",
+        report["rows"],
+        len(files),
+        f" ({reasons})" if files else "",
+        report_path,
+    )
     for split, numbers in report["by_split"].items():
         if numbers["rows"] == numbers["quarantined"]:
             raise DataError(f"every {split} utterance was quarantined ({reasons}); see {report_path}")
     train = report["by_split"].get("train")
     tolerated = sum(f["split"] == "train" and f["reason"] == "missing_file" for f in files) if allow_missing else 0
     if train and (train["quarantined"] - tolerated) / max(train["rows"] - tolerated, 1) > cfg.max_bad_fraction:
-        raise DataError(f"{train['quarantined']} of {train['rows']} train utterances were quarantined ({reasons}), more than "
-                        f"audit.max_bad_fraction={cfg.max_bad_fraction}; see {report_path}. Fix the data, or raise the "
-                        "threshold if this is expected.")
+        raise DataError(
+            f"{train['quarantined']} of {train['rows']} train utterances were quarantined ({reasons}), more than "
+            f"audit.max_bad_fraction={cfg.max_bad_fraction}; see {report_path}. Fix the data, or raise the "
+            "threshold if this is expected."
+        )
     return clean, report
 
 
@@ -113,8 +143,13 @@ def main(cfg: DictConfig) -> int:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     with cli.user_errors():
         _, features, _ = prepare(cfg, output_dir)
-        report = run_audit(features, cfg.audit, shape_config(cfg.model), output_dir / "data_audit.json",
-                           allow_missing=cfg.dataset.get("allow_missing_audio", False))[1]
+        report = run_audit(
+            features,
+            cfg.audit,
+            shape_config(cfg.model),
+            output_dir / "data_audit.json",
+            allow_missing=cfg.dataset.get("allow_missing_audio", False),
+        )[1]
     return report["quarantined"]
 
 

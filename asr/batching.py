@@ -39,7 +39,9 @@ class PadPolicy:
     edges: tuple[int, ...] = ()
 
     @classmethod
-    def from_seconds(cls, multiple_of_frames: int | None, edges_seconds: Sequence[float] | None, frames_per_second: float) -> PadPolicy:
+    def from_seconds(
+        cls, multiple_of_frames: int | None, edges_seconds: Sequence[float] | None, frames_per_second: float
+    ) -> PadPolicy:
         edges = tuple(sorted({int(math.ceil(s * frames_per_second)) for s in (edges_seconds or ())}))
         return cls(multiple_of_frames if multiple_of_frames and multiple_of_frames > 1 else None, edges)
 
@@ -60,15 +62,23 @@ def batch_cost(lengths: np.ndarray, batch: Sequence[int], pad: PadPolicy) -> int
     return len(batch) * pad.padded(int(lengths[list(batch)].max()))
 
 
-def padding_stats(lengths: Sequence[int], batches: Sequence[Sequence[int]], pad: PadPolicy = PadPolicy()) -> dict[str, float]:
+def padding_stats(
+    lengths: Sequence[int], batches: Sequence[Sequence[int]], pad: PadPolicy = PadPolicy()
+) -> dict[str, float]:
     """Real vs padded frames over batches, and how many distinct (batch, frames) shapes they make."""
     lengths = np.asarray(lengths)
     real = sum(int(lengths[list(b)].sum()) for b in batches)
     padded = sum(batch_cost(lengths, b, pad) for b in batches)
     shapes = {(len(b), pad.padded(int(lengths[list(b)].max()))) for b in batches}
-    return {"real_frames": real, "padded_frames": padded, "padding_fraction": 1 - real / padded if padded else 0.0,
-            "padding_waste": padded / real - 1 if real else 0.0, "distinct_shapes": len(shapes),
-            "distinct_lengths": len({s[1] for s in shapes}), "batches": len(batches)}
+    return {
+        "real_frames": real,
+        "padded_frames": padded,
+        "padding_fraction": 1 - real / padded if padded else 0.0,
+        "padding_waste": padded / real - 1 if real else 0.0,
+        "distinct_shapes": len(shapes),
+        "distinct_lengths": len({s[1] for s in shapes}),
+        "batches": len(batches),
+    }
 
 
 class DurationBatchSampler(Sampler[list[int]]):
@@ -77,8 +87,16 @@ class DurationBatchSampler(Sampler[list[int]]):
     `shuffle=False` gives evaluation order: longest batches first, no randomness.
     """
 
-    def __init__(self, lengths: Sequence[int], max_frames: int, pad: PadPolicy = PadPolicy(), seed: int = 0,
-                 shuffle: bool = True, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        max_frames: int,
+        pad: PadPolicy = PadPolicy(),
+        seed: int = 0,
+        shuffle: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
         if max_frames <= 0:
             raise ValueError(f"max_frames must be positive, got {max_frames}")
         if not 0 <= rank < num_replicas:

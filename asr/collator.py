@@ -31,11 +31,20 @@ class CTCCollator:
         target = self.pad.padded(max(lengths))
         batch = self.processor.feature_extractor.pad(
             [{"input_features": row["input_features"]} for row in rows],
-            padding="max_length", max_length=target, return_attention_mask=True, return_tensors="pt",
+            padding="max_length",
+            max_length=target,
+            return_attention_mask=True,
+            return_tensors="pt",
         )
         if "labels" in rows[0]:  # absent at inference
-            labels = self.processor.tokenizer.pad([{"input_ids": row["labels"]} for row in rows], padding=True, return_tensors="pt")
+            labels = self.processor.tokenizer.pad(
+                [{"input_ids": row["labels"]} for row in rows], padding=True, return_tensors="pt"
+            )
             batch["labels"] = labels["input_ids"].masked_fill(labels["attention_mask"].ne(1), -100)
         if self.with_stats:
-            batch[STATS_KEY] = {"real_frames": sum(lengths), "padded_frames": len(rows) * target, "shape": (len(rows), target)}
+            batch[STATS_KEY] = {
+                "real_frames": sum(lengths),
+                "padded_frames": len(rows) * target,
+                "shape": (len(rows), target),
+            }
         return batch

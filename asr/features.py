@@ -54,27 +54,45 @@ def build_vocab(train_texts: list[str], min_char_count: int = 1) -> dict[str, in
     return vocab
 
 
-def build_processor(vocab: dict[str, int], feature_extractor: SeamlessM4TFeatureExtractor, folder: Path) -> Wav2Vec2BertProcessor:
+def build_processor(
+    vocab: dict[str, int], feature_extractor: SeamlessM4TFeatureExtractor, folder: Path
+) -> Wav2Vec2BertProcessor:
     """Tokenizer from vocab.json in `folder` (kept as a run artifact) + the model's feature extractor."""
     folder.mkdir(parents=True, exist_ok=True)
     vocab_file = folder / "vocab.json"
     vocab_file.write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")
     tokenizer = Wav2Vec2CTCTokenizer(
-        str(vocab_file), unk_token=UNK, pad_token=PAD, word_delimiter_token=WORD_DELIMITER, bos_token=None, eos_token=None
+        str(vocab_file),
+        unk_token=UNK,
+        pad_token=PAD,
+        word_delimiter_token=WORD_DELIMITER,
+        bos_token=None,
+        eos_token=None,
     )  # CTC has no sentence-boundary tokens
     return Wav2Vec2BertProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
 
 
 def _cache_key(split_fingerprint: str, processor: Wav2Vec2BertProcessor, sample_rate: int) -> str:
-    recipe = [FEATURE_CACHE_VERSION, split_fingerprint, sample_rate,
-              processor.feature_extractor.to_json_string(), sorted(processor.tokenizer.get_vocab().items())]
+    recipe = [
+        FEATURE_CACHE_VERSION,
+        split_fingerprint,
+        sample_rate,
+        processor.feature_extractor.to_json_string(),
+        sorted(processor.tokenizer.get_vocab().items()),
+    ]
     return hashlib.sha256(json.dumps(recipe, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def _featurize(row: dict, processor: Wav2Vec2BertProcessor, sample_rate: int) -> dict:
     """One utterance: features + labels, and what the audit needs (errors are recorded, not raised)."""
     frame_dims = processor.feature_extractor.feature_size * processor.feature_extractor.stride
-    bad = {"input_features": np.zeros((0, frame_dims), np.float32), "labels": [], "input_length": 0, "duration": 0.0, "rms_db": -np.inf}
+    bad = {
+        "input_features": np.zeros((0, frame_dims), np.float32),
+        "labels": [],
+        "input_length": 0,
+        "duration": 0.0,
+        "rms_db": -np.inf,
+    }
     if not source_file(row["audio_path"]).exists():
         return {**bad, "audio_error": f"missing_file: {row['audio_path']} does not exist"}
     try:
@@ -84,12 +102,23 @@ def _featurize(row: dict, processor: Wav2Vec2BertProcessor, sample_rate: int) ->
     if not np.isfinite(audio).all():
         return {**bad, "duration": len(audio) / sample_rate, "audio_error": "non_finite: NaN or infinite samples"}
     features = processor.feature_extractor(audio, sampling_rate=sample_rate).input_features[0]
-    return {"input_features": features, "labels": processor.tokenizer(row["text"]).input_ids, "input_length": len(features),
-            "duration": len(audio) / sample_rate, "rms_db": float(20 * np.log10(np.sqrt(np.mean(audio**2)) + 1e-10)), "audio_error": ""}
+    return {
+        "input_features": features,
+        "labels": processor.tokenizer(row["text"]).input_ids,
+        "input_length": len(features),
+        "duration": len(audio) / sample_rate,
+        "rms_db": float(20 * np.log10(np.sqrt(np.mean(audio**2)) + 1e-10)),
+        "audio_error": "",
+    }
 
 
-def extract_features(splits: DatasetDict, processor: Wav2Vec2BertProcessor, cfg: DictConfig, cache_dir: Path,
-                     only: tuple[str, ...] = SPLITS) -> DatasetDict:
+def extract_features(
+    splits: DatasetDict,
+    processor: Wav2Vec2BertProcessor,
+    cfg: DictConfig,
+    cache_dir: Path,
+    only: tuple[str, ...] = SPLITS,
+) -> DatasetDict:
     """`datasets.map` with a content-keyed cache file per split; bad audio is left for asr.audit to quarantine."""
     out = DatasetDict()
     for split in only:
@@ -97,8 +126,11 @@ def extract_features(splits: DatasetDict, processor: Wav2Vec2BertProcessor, cfg:
         cache_file = cache_dir / f"features-{split}-{key}.arrow"
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         out[split] = splits[split].map(
-            _featurize, fn_kwargs={"processor": processor, "sample_rate": cfg.sample_rate},
+            _featurize,
+            fn_kwargs={"processor": processor, "sample_rate": cfg.sample_rate},
             num_proc=cfg.num_proc if len(splits[split]) >= 4 * cfg.num_proc else None,
-            cache_file_name=str(cache_file), new_fingerprint=key, desc=f"Extracting {split} features",
+            cache_file_name=str(cache_file),
+            new_fingerprint=key,
+            desc=f"Extracting {split} features",
         )
     return out

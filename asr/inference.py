@@ -16,7 +16,10 @@ from asr.collator import CTCCollator
 from asr.errors import ConfigError
 from asr.model import mask_adapter_padding
 
-def blank_padded_frames(logits: torch.Tensor, attention_mask: torch.Tensor | None, model: Wav2Vec2BertForCTC) -> torch.Tensor:
+
+def blank_padded_frames(
+    logits: torch.Tensor, attention_mask: torch.Tensor | None, model: Wav2Vec2BertForCTC
+) -> torch.Tensor:
     """Make every frame past an utterance's end predict the CTC blank.
 
     Padded frames still get logits (their queries attend to the real frames), and their argmax is
@@ -32,19 +35,26 @@ def blank_padded_frames(logits: torch.Tensor, attention_mask: torch.Tensor | Non
     return torch.where(padded[..., None], blank, logits)
 
 
-def write_predictions(path: Path, ids: list[str], speakers: list[str], references: list[str], hypotheses: list[str]) -> None:
+def write_predictions(
+    path: Path, ids: list[str], speakers: list[str], references: list[str], hypotheses: list[str]
+) -> None:
     """predictions_<split>.jsonl: one JSON line per utterance, what `asr.evaluate compare=...` pairs up by id."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as out:
         for utt_id, speaker, ref, hyp in zip(ids, speakers, references, hypotheses):
-            out.write(json.dumps({"id": utt_id, "speaker": speaker, "reference": ref, "hypothesis": hyp}, ensure_ascii=False) + "\n")
+            out.write(
+                json.dumps({"id": utt_id, "speaker": speaker, "reference": ref, "hypothesis": hyp}, ensure_ascii=False)
+                + "\n"
+            )
 
 
 def read_predictions(folder: Path, split: str) -> dict[str, dict]:
     """The rows of <folder>/predictions_<split>.jsonl by utterance id."""
     path = folder / f"predictions_{split}.jsonl"
     if not path.is_file():
-        raise ConfigError(f"{path} does not exist. Fix: evaluate that run first (python -m asr.evaluate run_dir={folder})")
+        raise ConfigError(
+            f"{path} does not exist. Fix: evaluate that run first (python -m asr.evaluate run_dir={folder})"
+        )
     return {row["id"]: row for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
 
 
@@ -56,8 +66,13 @@ def load_model(model_dir: str | Path, device: str | None = None) -> tuple[Wav2Ve
 
 
 @torch.inference_mode()
-def transcribe_features(model: Wav2Vec2BertForCTC, processor: Wav2Vec2BertProcessor, features: Dataset,
-                        batch_size: int, desc: str = "Transcribing") -> list[str]:
+def transcribe_features(
+    model: Wav2Vec2BertForCTC,
+    processor: Wav2Vec2BertProcessor,
+    features: Dataset,
+    batch_size: int,
+    desc: str = "Transcribing",
+) -> list[str]:
     """Transcripts in the dataset's order; batches are formed longest-first to keep padding small."""
     order = np.argsort(-np.asarray(features["input_length"]), kind="stable")
     collate = CTCCollator(processor)
@@ -67,6 +82,8 @@ def transcribe_features(model: Wav2Vec2BertForCTC, processor: Wav2Vec2BertProces
         batch = collate([{"input_features": row["input_features"]} for row in rows])
         batch = {k: v.to(model.device) for k, v in batch.items()}
         logits = blank_padded_frames(model(**batch).logits, batch["attention_mask"], model)
-        for i, text in zip(order[start : start + batch_size], processor.tokenizer.batch_decode(logits.argmax(-1).cpu().numpy())):
+        for i, text in zip(
+            order[start : start + batch_size], processor.tokenizer.batch_decode(logits.argmax(-1).cpu().numpy())
+        ):
             texts[int(i)] = text
     return texts

@@ -29,7 +29,9 @@ def argmax_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def decode_predictions(tokenizer: Wav2Vec2CTCTokenizer, pred_ids: np.ndarray, label_ids: np.ndarray) -> tuple[list[str], list[str]]:
+def decode_predictions(
+    tokenizer: Wav2Vec2CTCTokenizer, pred_ids: np.ndarray, label_ids: np.ndarray
+) -> tuple[list[str], list[str]]:
     """Greedy CTC decoding of predictions; labels decoded without collapsing repeated characters."""
     pred_ids = np.where(pred_ids == -100, tokenizer.pad_token_id, pred_ids)  # Trainer pads across batches with -100
     label_ids = np.where(label_ids == -100, tokenizer.pad_token_id, label_ids)

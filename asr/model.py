@@ -63,8 +63,10 @@ def _config_overrides(model_cfg: DictConfig, reg_cfg: DictConfig, tokenizer: Wav
     known = Wav2Vec2BertConfig().to_dict()
     unknown = sorted(set(overrides) - set(known))
     if unknown:
-        raise ConfigError(f"unknown Wav2Vec2BertConfig field(s) {unknown} in the regularization/model config. "
-                          "Fix: check the spelling against transformers' Wav2Vec2BertConfig")
+        raise ConfigError(
+            f"unknown Wav2Vec2BertConfig field(s) {unknown} in the regularization/model config. "
+            "Fix: check the spelling against transformers' Wav2Vec2BertConfig"
+        )
     return overrides
 
 
@@ -105,8 +107,9 @@ def mask_adapter_padding(model: Wav2Vec2BertForCTC) -> None:
     adapter._masks_padding = True
 
 
-def build_model(model_cfg: DictConfig, reg_cfg: DictConfig, tokenizer: Wav2Vec2CTCTokenizer,
-                attn_implementation: str | None = None) -> Wav2Vec2BertForCTC:
+def build_model(
+    model_cfg: DictConfig, reg_cfg: DictConfig, tokenizer: Wav2Vec2CTCTokenizer, attn_implementation: str | None = None
+) -> Wav2Vec2BertForCTC:
     """`attn_implementation` (a trainer preset's choice) overrides model.attn_implementation."""
     overrides = _config_overrides(model_cfg, reg_cfg, tokenizer)
     attn = attn_implementation or model_cfg.attn_implementation

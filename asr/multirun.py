@@ -54,7 +54,10 @@ def _first_job_composes(config: DictConfig, overrides: list[str]) -> bool:
     parsed = OverridesParser.create().parse_overrides(overrides)
     if not all(o.is_discrete_sweep() or not o.is_sweep_override() for o in parsed):
         return True  # intervals etc. belong to other sweepers, which validate their own
-    first = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else o.input_line for o in parsed]
+    first = [
+        f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else o.input_line
+        for o in parsed
+    ]
     try:
         GlobalHydra.instance().config_loader().load_sweep_config(config, first)
     except Exception:  # noqa: BLE001  (Hydra raises several kinds; it re-raises the same one itself)
@@ -85,10 +88,14 @@ class MlflowMultirunCallback(Callback):
         keys = sweep_keys(overrides)
         swept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in keys]
         name = f"{' '.join(swept) or 'multirun'} @ {datetime.now():%Y-%m-%d %H:%M}"
-        tags = {"sweep_dir": str(self.sweep_dir.resolve()), "overrides": " ".join(overrides),
-                "launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1]}
-        self.parent_run_id = create_parent_run(client, experiment_id, name, tags,
-                                               {"sweep": " ".join(overrides), "swept_keys": ",".join(keys)})
+        tags = {
+            "sweep_dir": str(self.sweep_dir.resolve()),
+            "overrides": " ".join(overrides),
+            "launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1],
+        }
+        self.parent_run_id = create_parent_run(
+            client, experiment_id, name, tags, {"sweep": " ".join(overrides), "swept_keys": ",".join(keys)}
+        )
         self.tracking_uri = client.tracking_uri
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         record = {"parent_run_id": self.parent_run_id, "tracking_uri": self.tracking_uri, "swept_keys": keys}
@@ -110,21 +117,31 @@ class MlflowMultirunCallback(Callback):
         run_id, self.parent_run_id = self.parent_run_id, None
         client = MlflowClient(self.tracking_uri)
         table = summary_table(client, client.get_run(run_id))
-        status = "FINISHED" if ended_normally and (table["status"] == "FINISHED").all() else (
-            "KILLED" if (table["status"] == "KILLED").any() else "FAILED")
+        status = (
+            "FINISHED"
+            if ended_normally and (table["status"] == "FINISHED").all()
+            else ("KILLED" if (table["status"] == "KILLED").any() else "FAILED")
+        )
         files, metrics, tags = self._summary(client, table)
         close_parent_run(client, run_id, status, metrics, tags, files)
         failed = table[table["status"] != "FINISHED"]
         if len(failed):
             keys = table_swept_keys(table)
-            lines = [f"  job {row['job']} ({' '.join(f'{k}={row[k]}' for k in keys)}, run {row['run_id']}): {row['status']} {row['error']}"
-                     for _, row in failed.iterrows()]
+            lines = [
+                f"  job {row['job']} ({' '.join(f'{k}={row[k]}' for k in keys)}, run "
+                f"{row['run_id']}): {row['status']} {row['error']}"
+                for _, row in failed.iterrows()
+            ]
             log.error("Sweep %s: %d of %d jobs did not finish:\n%s", run_id, len(failed), len(table), "\n".join(lines))
         log.info("Sweep %s closed %s; compare with `python -m asr.sweep_summary %s`", run_id, status, run_id)
 
     def _summary(self, client: MlflowClient, table) -> tuple[list[tuple[Path, None]], dict[str, float], dict[str, str]]:
         """summary.csv and the WER plot in the sweep folder, and the best job's metrics and tags."""
-        folder = self.sweep_dir if self.sweep_dir and self.sweep_dir.is_dir() else Path(tempfile.mkdtemp(prefix="asr-sweep-"))
+        folder = (
+            self.sweep_dir
+            if self.sweep_dir and self.sweep_dir.is_dir()
+            else Path(tempfile.mkdtemp(prefix="asr-sweep-"))
+        )
         files = [folder / "summary.csv"]
         table.to_csv(files[0], index=False)
         if len(table):
@@ -137,7 +154,6 @@ class MlflowMultirunCallback(Callback):
             metrics["best_eval_wer"] = float(best["best_eval_wer"])
             tags = {"best_run_id": best["run_id"], "best_job": str(best["job"])}
         return [(path, None) for path in files], metrics, tags
-
 
 
 def sweep_job(hydra_cfg: DictConfig) -> SweepJob | None:

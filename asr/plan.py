@@ -32,16 +32,33 @@ GPU = "H200"  # the GPU our measured table is for
 # throughput of the same precision and batch without gradient checkpointing (a forward pass is about a
 # third of a training step).
 MEASURED = {
-    ("w2v-bert-2.0", "seed"): {"train": 95.8, "eval": 3 * 191.9, "peak_gib": 9.5,
-                               "what": "fp16, gradient checkpointing, batch 4"},
-    ("w2v-bert-2.0", "gpu_fast"): {"train": 900.2, "eval": 3 * 900.2, "peak_gib": 54.8,
-                                   "what": "bf16, sdpa, batch 64 x 6 s, no checkpointing"},
+    ("w2v-bert-2.0", "seed"): {
+        "train": 95.8,
+        "eval": 3 * 191.9,
+        "peak_gib": 9.5,
+        "what": "fp16, gradient checkpointing, batch 4",
+    },
+    ("w2v-bert-2.0", "gpu_fast"): {
+        "train": 900.2,
+        "eval": 3 * 900.2,
+        "peak_gib": 54.8,
+        "what": "bf16, sdpa, batch 64 x 6 s, no checkpointing",
+    },
 }
-VARIABLE_LENGTH_NOTE = ("our H200 measurement with variable-length batches at the seed's batch 4 reached only 21-26 audio s/s "
-                        "(new shapes every step): on real data the seed's settings may cost ~4x these hours")
+VARIABLE_LENGTH_NOTE = (
+    "our H200 measurement with variable-length batches at the seed's batch 4 reached only 21-26 audio s/s "
+    "(new shapes every step): on real data the seed's settings may cost ~4x these hours"
+)
 # Trainer settings that decide throughput: MLflow runs count as "the same preset" when these match.
-THROUGHPUT_KEYS = ("model.name", "trainer.precision", "trainer.batch_size", "trainer.batch_seconds", "trainer.grad_accum",
-                   "trainer.gradient_checkpointing", "trainer.attn_implementation")
+THROUGHPUT_KEYS = (
+    "model.name",
+    "trainer.precision",
+    "trainer.batch_size",
+    "trainer.batch_seconds",
+    "trainer.grad_accum",
+    "trainer.gradient_checkpointing",
+    "trainer.attn_implementation",
+)
 
 
 @dataclass
@@ -69,20 +86,33 @@ def dataset_hours(ds: DictConfig) -> tuple[float | None, float | None, float | N
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         seconds = sum(float(r.get("duration") or 0) for r in rows)
         share = 1.0 if ds.get("dev") else 1 - held_out
-        return seconds * share / 3600, seconds * float(ds.get("dev_fraction") or 0) / 3600, len(rows) * share, f"measured from {path.name}"
+        return (
+            seconds * share / 3600,
+            seconds * float(ds.get("dev_fraction") or 0) / 3600,
+            len(rows) * share,
+            f"measured from {path.name}",
+        )
     if ds.loader == "synthetic_ne":
         sizes = ds.sizes
         seconds_each = float(ds.get("approx_seconds_per_utterance") or 0)
-        return (sizes.train * seconds_each / 3600, sizes.dev * seconds_each / 3600, sizes.train,
-                "generated on first use (approximate)")
+        return (
+            sizes.train * seconds_each / 3600,
+            sizes.dev * seconds_each / 3600,
+            sizes.train,
+            "generated on first use (approximate)",
+        )
     root = None if OmegaConf.is_missing(ds, "root") else ds.get("root")
     present = root is not None and Path(str(root)).is_dir()
     data = "present" if present else "absent (dataset.root not set or not found)"
     if approx is None:
         return None, None, None, data
     utterances = float(ds.get("approx_utterances") or 0) * (1 - held_out)
-    return (float(approx) * (1 - held_out), float(approx) * float(ds.get("dev_fraction") or 0), utterances,
-            f"{data}; hours: the config's approximate figure ({approx} h)")
+    return (
+        float(approx) * (1 - held_out),
+        float(approx) * float(ds.get("dev_fraction") or 0),
+        utterances,
+        f"{data}; hours: the config's approximate figure ({approx} h)",
+    )
 
 
 # ---- throughput -------------------------------------------------------------------------------
@@ -113,7 +143,9 @@ def mlflow_throughput(cfg: DictConfig) -> tuple[float, float | None, int] | None
     client, experiments = tracking
     terms = [f"params.`{key}` = '{OmegaConf.select(cfg, key)}'" for key in THROUGHPUT_KEYS]  # as asr.tracking logs them
     try:
-        runs = client.search_runs(experiments, " and ".join([*terms, "metrics.train_audio_seconds_per_second > 0"]), max_results=50)
+        runs = client.search_runs(
+            experiments, " and ".join([*terms, "metrics.train_audio_seconds_per_second > 0"]), max_results=50
+        )
     except Exception as err:  # noqa: BLE001
         log.info("plan: no MLflow throughput (%s)", err)
         return None
@@ -140,7 +172,9 @@ def estimate(cfg: DictConfig, trainer_preset: str, job: str, swept: str) -> JobP
         speed, eval_speed, plan.peak_gib = row["train"], row["eval"], row["peak_gib"]
         plan.source = f"our {GPU} measurement ({row['what']})"
     else:
-        plan.source = f"no measurement for model {cfg.model.name} + trainer={trainer_preset}: run one job, then plan again"
+        plan.source = (
+            f"no measurement for model {cfg.model.name} + trainer={trainer_preset}: run one job, then plan again"
+        )
         return plan
     if train_h is None:
         return plan
@@ -190,17 +224,33 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 def render(plans: list[JobPlan], title: str, multiplier: int = 1) -> str:
     header = ["job", "swept values", "epochs", "audio h/epoch", f"{GPU} GPU-h", "peak GiB"]
-    rows = [[p.job, p.swept or "-", fmt(p.epochs, 2).rstrip("0").rstrip("."), fmt(p.audio_hours), fmt(p.gpu_hours),
-             fmt(p.peak_gib)] if not p.error else [p.job, p.swept or "-", "ERROR", p.error, "", ""] for p in plans]
+    rows = [
+        [
+            p.job,
+            p.swept or "-",
+            fmt(p.epochs, 2).rstrip("0").rstrip("."),
+            fmt(p.audio_hours),
+            fmt(p.gpu_hours),
+            fmt(p.peak_gib),
+        ]
+        if not p.error
+        else [p.job, p.swept or "-", "ERROR", p.error, "", ""]
+        for p in plans
+    ]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     out = [title, line(header), line(["-" * w for w in widths]), *map(line, rows)]
     known = [p.gpu_hours for p in plans if p.gpu_hours is not None]
     total = sum(known) * multiplier
     unknown = sum(p.gpu_hours is None for p in plans)
-    out.append(f"total: {total:,.1f} {GPU} GPU-hours" + (f" (x{multiplier} trials)" if multiplier > 1 else "")
-               + (f"; {unknown} job(s) without an estimate" if unknown else ""))
-    for note in sorted({f"throughput: {p.source}" for p in plans if p.source} | {f"data: {p.data}" for p in plans if p.data}):
+    out.append(
+        f"total: {total:,.1f} {GPU} GPU-hours"
+        + (f" (x{multiplier} trials)" if multiplier > 1 else "")
+        + (f"; {unknown} job(s) without an estimate" if unknown else "")
+    )
+    for note in sorted(
+        {f"throughput: {p.source}" for p in plans if p.source} | {f"data: {p.data}" for p in plans if p.data}
+    ):
         out.append(f"  {note}")
     if any("seed" in p.source and "measurement" in p.source for p in plans):
         out.append(f"  note: {VARIABLE_LENGTH_NOTE}")
@@ -234,7 +284,10 @@ class PlanCallback(Callback):
         from asr.multirun import sweep_overrides
 
         if "asr_optuna_sweeper" in str(config.hydra.sweeper.get("_target_", "")):
-            print("error: plan=true plans Hydra grids; for an Optuna study use `python sweep.py ... sweep.plan=true`", file=sys.stderr)
+            print(
+                "error: plan=true plans Hydra grids; for an Optuna study use `python sweep.py ... sweep.plan=true`",
+                file=sys.stderr,
+            )
             raise SystemExit(1)
         overrides = [o for o in sweep_overrides(config) if o.split("=", 1)[0] != "plan"]
         launcher = config.hydra.launcher.get("_target_", "").rsplit(".", 1)[-1]

@@ -26,8 +26,13 @@ def new_processor(cfg: DictConfig, splits: DatasetDict, model_dir: Path) -> Wav2
     return build_processor(vocab, load_feature_extractor(cfg.model), model_dir)
 
 
-def features_for(splits: DatasetDict, processor: Wav2Vec2BertProcessor, dataset_cfg: DictConfig, cache_dir: str | Path,
-                 only: tuple[str, ...] = SPLITS) -> DatasetDict:
+def features_for(
+    splits: DatasetDict,
+    processor: Wav2Vec2BertProcessor,
+    dataset_cfg: DictConfig,
+    cache_dir: str | Path,
+    only: tuple[str, ...] = SPLITS,
+) -> DatasetDict:
     """Input features and labels of `only` these splits, from the content-keyed cache when it has them."""
     return extract_features(splits, processor, dataset_cfg, Path(cache_dir) / "features", only=only)
 

@@ -34,13 +34,19 @@ def find_sweep(client: MlflowClient, sweep_id: str) -> Run:
         try:
             return client.get_run(sweep_id)
         except MlflowException as err:
-            raise UserError(f"no run {sweep_id} in {client.tracking_uri}. Fix: pass a sweep's parent run id "
-                            "(the sweep_id tag), or latest") from err
+            raise UserError(
+                f"no run {sweep_id} in {client.tracking_uri}. Fix: pass a sweep's parent run id "
+                "(the sweep_id tag), or latest"
+            ) from err
     experiments = [e.experiment_id for e in client.search_experiments()]
-    parents = client.search_runs(experiments, "tags.sweep_role = 'parent'", order_by=["attributes.start_time DESC"], max_results=1)
+    parents = client.search_runs(
+        experiments, "tags.sweep_role = 'parent'", order_by=["attributes.start_time DESC"], max_results=1
+    )
     if not parents:
-        raise UserError(f"no sweep found in {client.tracking_uri}. Fix: run one (python train.py -m ... or python sweep.py), "
-                        "or point --uri / MLFLOW_TRACKING_URI at the store that has it")
+        raise UserError(
+            f"no sweep found in {client.tracking_uri}. Fix: run one (python train.py -m ... or python sweep.py), "
+            "or point --uri / MLFLOW_TRACKING_URI at the store that has it"
+        )
     return parents[0]
 
 
@@ -62,11 +68,18 @@ def summary_table(client: MlflowClient, parent: Run) -> pd.DataFrame:
     for run in sweep_jobs(client, parent):
         swept = {k.removeprefix("swept."): v for k, v in run.data.params.items() if k.startswith("swept.")}
         ended = run.info.end_time or int(time.time() * 1000)
-        rows.append({"job": int(run.data.tags["job_num"]), **dict(sorted(swept.items())),
-                     **{m: run.data.metrics.get(m, float("nan")) for m in ("best_eval_wer", "test_wer", "test_cer")},
-                     **{m: run.data.metrics[m] for m in LM_COLUMNS if m in run.data.metrics},
-                     "runtime_min": round((ended - run.info.start_time) / 60000, 1), "status": run.info.status,
-                     "error": run.data.tags.get("error", ""), "run_id": run.info.run_id})
+        rows.append(
+            {
+                "job": int(run.data.tags["job_num"]),
+                **dict(sorted(swept.items())),
+                **{m: run.data.metrics.get(m, float("nan")) for m in ("best_eval_wer", "test_wer", "test_cer")},
+                **{m: run.data.metrics[m] for m in LM_COLUMNS if m in run.data.metrics},
+                "runtime_min": round((ended - run.info.start_time) / 60000, 1),
+                "status": run.info.status,
+                "error": run.data.tags.get("error", ""),
+                "run_id": run.info.run_id,
+            }
+        )
     table = pd.DataFrame(rows, columns=None if rows else ["job", *COLUMNS, "error", "run_id"])
     return table.sort_values(["best_eval_wer", "job"], na_position="last").reset_index(drop=True)
 
@@ -92,8 +105,11 @@ def plot_sweep(client: MlflowClient, table: pd.DataFrame, path: Path) -> Path:
     curves.grid(alpha=0.3)
     curves.legend(fontsize=8)
     ordered = table.sort_values("job")
-    finals.bar([label(row) for _, row in ordered.iterrows()], ordered["test_wer"].fillna(0.0),
-               color=["tab:red" if s != "FINISHED" else "tab:blue" for s in ordered["status"]])
+    finals.bar(
+        [label(row) for _, row in ordered.iterrows()],
+        ordered["test_wer"].fillna(0.0),
+        color=["tab:red" if s != "FINISHED" else "tab:blue" for s in ordered["status"]],
+    )
     finals.set(ylabel="test WER", title="Final test WER per job (red: not finished)")
     finals.tick_params(axis="x", labelrotation=30, labelsize=8)
     figure.tight_layout()
@@ -128,7 +144,9 @@ def compare_top_two(client: MlflowClient, table: pd.DataFrame) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Print a sweep's jobs sorted by best eval WER.")
     parser.add_argument("sweep", nargs="?", default="latest", help="sweep id (the parent run id) or 'latest'")
-    parser.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or the repo's mlflow.db)")
+    parser.add_argument(
+        "--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or the repo's mlflow.db)"
+    )
     args = parser.parse_args(argv)
     client = MlflowClient(tracking_uri(args.uri))
     parent = find_sweep(client, args.sweep)

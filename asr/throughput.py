@@ -78,7 +78,9 @@ class ThroughputCallback(TrainerCallback):
     which training.py puts into metrics.json). Under DDP the end totals are summed over ranks.
     """
 
-    def __init__(self, stats: BatchStats, tracker=None, frames_per_second: float = 50.0, peak_tflops: float | None = None) -> None:
+    def __init__(
+        self, stats: BatchStats, tracker=None, frames_per_second: float = 50.0, peak_tflops: float | None = None
+    ) -> None:
         self.stats, self.tracker, self.fps = stats, tracker, frames_per_second
         self.peak = peak_flops(peak_tflops)
         self.summary: dict[str, float] = {}
@@ -112,10 +114,14 @@ class ThroughputCallback(TrainerCallback):
 
     on_evaluate = on_save = _restart_clock
 
-    def metrics(self, real: float, padded: float, flops: float, seconds: float, world_size: int = 1) -> dict[str, float]:
-        out = {"train_audio_seconds_per_second": real / self.fps / seconds if seconds else 0.0,
-               "train_padding_fraction": 1 - real / padded if padded else 0.0,
-               "train_distinct_shapes": max([*self.epoch_shapes, len(self.stats.shapes)])}
+    def metrics(
+        self, real: float, padded: float, flops: float, seconds: float, world_size: int = 1
+    ) -> dict[str, float]:
+        out = {
+            "train_audio_seconds_per_second": real / self.fps / seconds if seconds else 0.0,
+            "train_padding_fraction": 1 - real / padded if padded else 0.0,
+            "train_distinct_shapes": max([*self.epoch_shapes, len(self.stats.shapes)]),
+        }
         if torch.cuda.is_available():
             out["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             out["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -127,8 +133,10 @@ class ThroughputCallback(TrainerCallback):
         if state.is_world_process_zero and self.tracker is not None and logs and "loss" in logs and self.seconds:
             # rank 0's own batches, scaled by the number of ranks: an estimate; the end summary is exact
             world = args.world_size
-            self.tracker.log_metrics(self.metrics(self.real * world, self.padded * world, self.flops * world, self.seconds, world),
-                                     step=state.global_step)
+            self.tracker.log_metrics(
+                self.metrics(self.real * world, self.padded * world, self.flops * world, self.seconds, world),
+                step=state.global_step,
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
         totals = torch.tensor([self.real, self.padded, self.flops], dtype=torch.float64)
@@ -138,10 +146,17 @@ class ThroughputCallback(TrainerCallback):
             torch.distributed.all_reduce(totals)
             totals = totals.cpu()
         real, padded, flops = totals.tolist()
-        self.summary = {**self.metrics(real, padded, flops, self.seconds, args.world_size), "train_timed_seconds": self.seconds,
-                        "train_real_audio_seconds": real / self.fps, "train_padded_audio_seconds": padded / self.fps}
+        self.summary = {
+            **self.metrics(real, padded, flops, self.seconds, args.world_size),
+            "train_timed_seconds": self.seconds,
+            "train_real_audio_seconds": real / self.fps,
+            "train_padded_audio_seconds": padded / self.fps,
+        }
         if state.is_world_process_zero and self.tracker is not None:
             self.tracker.log_metrics(self.summary, step=state.global_step)
-        log.info("throughput: %.1f audio s/s, padding %.1f%%, %d distinct shapes per epoch",
-                 self.summary["train_audio_seconds_per_second"], 100 * self.summary["train_padding_fraction"],
-                 self.summary["train_distinct_shapes"])
+        log.info(
+            "throughput: %.1f audio s/s, padding %.1f%%, %d distinct shapes per epoch",
+            self.summary["train_audio_seconds_per_second"],
+            100 * self.summary["train_padding_fraction"],
+            self.summary["train_distinct_shapes"],
+        )

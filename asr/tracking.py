@@ -56,8 +56,11 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 
 def git_state() -> dict[str, str]:
     """Commit and dirty flag of the code that ran ('unknown' outside a git checkout)."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(REPO_DIR), *args], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(REPO_DIR), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
 
     try:
         return {"git_sha": git("rev-parse", "HEAD"), "git_dirty": str(bool(git("status", "--porcelain"))).lower()}
@@ -77,7 +80,8 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
     except OSError as err:
         raise TrackingUnavailableError(
-            f"MLflow tracking server {uri} is not reachable ({err}). Fix: start it (docs/cluster.md, 'Tracking server'), "
+            f"MLflow tracking server {uri} is not reachable ({err}). Fix: start it (docs/cluster.md, "
+            "'Tracking server'), "
             "correct MLFLOW_TRACKING_URI / tracking.uri, or train without tracking: tracking.enabled=false"
         ) from err
 
@@ -96,7 +100,9 @@ def connect(tracking_cfg: DictConfig) -> tuple[MlflowClient, str]:
     # Keep artifacts next to the default store, not in whatever cwd the job ran from.
     location = (REPO_DIR / "mlruns").as_uri() if uri.startswith("sqlite:///") and not tracking_cfg.uri else None
     try:
-        return client, client.create_experiment(tracking_cfg.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
+        return client, client.create_experiment(
+            tracking_cfg.experiment, artifact_location=location, tags=EXPERIMENT_KIND
+        )
     except MlflowException:  # a parallel job created it first
         return client, client.get_experiment_by_name(tracking_cfg.experiment).experiment_id
 
@@ -111,17 +117,26 @@ class SweepJob:
     tags: dict[str, str] = field(default_factory=dict)  # e.g. optuna_study / optuna_trial
 
 
-def create_parent_run(client: MlflowClient, experiment_id: str, name: str, tags: dict[str, str],
-                      params: dict[str, object]) -> str:
+def create_parent_run(
+    client: MlflowClient, experiment_id: str, name: str, tags: dict[str, str], params: dict[str, object]
+) -> str:
     """The parent run of a grid or a study: its jobs/trials become children (SweepJob), `sweep_id` = its id."""
-    run_id = client.create_run(experiment_id, run_name=name, tags={**git_state(), "sweep_role": "parent", **tags}).info.run_id
+    run_id = client.create_run(
+        experiment_id, run_name=name, tags={**git_state(), "sweep_role": "parent", **tags}
+    ).info.run_id
     client.set_tag(run_id, "sweep_id", run_id)
     client.log_batch(run_id, params=[Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in params.items()])
     return run_id
 
 
-def close_parent_run(client: MlflowClient, run_id: str, status: str, metrics: dict[str, float], tags: dict[str, str],
-                     files: list[tuple[Path, str | None]] = ()) -> None:
+def close_parent_run(
+    client: MlflowClient,
+    run_id: str,
+    status: str,
+    metrics: dict[str, float],
+    tags: dict[str, str],
+    files: list[tuple[Path, str | None]] = (),
+) -> None:
     """Summary files (path, artifact folder), best-job metrics and tags, then FINISHED / FAILED / KILLED."""
     for path, folder in files:
         if path and path.exists():
@@ -141,7 +156,9 @@ class MlflowRun:
     that grid's or study's parent run.
     """
 
-    def __init__(self, tracking_cfg: DictConfig, run_name: str, tags: dict[str, str], sweep: SweepJob | None = None) -> None:
+    def __init__(
+        self, tracking_cfg: DictConfig, run_name: str, tags: dict[str, str], sweep: SweepJob | None = None
+    ) -> None:
         self.client: MlflowClient | None = None
         self.run_id: str | None = None
         self.sweep = sweep
@@ -150,10 +167,23 @@ class MlflowRun:
         self.client, experiment_id = connect(tracking_cfg)
         tags = {**git_state(), **tags, "mlflow.source.name": "train.py"}
         if self.sweep:
-            tags.update({"mlflow.parentRunId": self.sweep.parent_run_id, "sweep_id": self.sweep.parent_run_id,
-                         "sweep_role": "job", "job_num": str(self.sweep.job_num), **self.sweep.tags})
+            tags.update(
+                {
+                    "mlflow.parentRunId": self.sweep.parent_run_id,
+                    "sweep_id": self.sweep.parent_run_id,
+                    "sweep_role": "job",
+                    "job_num": str(self.sweep.job_num),
+                    **self.sweep.tags,
+                }
+            )
         self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-        log.info("MLflow run %s (%s) in %s, experiment %r", run_name, self.run_id, self.client.tracking_uri, tracking_cfg.experiment)
+        log.info(
+            "MLflow run %s (%s) in %s, experiment %r",
+            run_name,
+            self.run_id,
+            self.client.tracking_uri,
+            tracking_cfg.experiment,
+        )
 
     def log_config(self, cfg: DictConfig) -> None:
         if not self.client:
@@ -169,8 +199,11 @@ class MlflowRun:
         if not self.client:
             return
         now = get_current_time_millis()
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        batch = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 

@@ -48,7 +48,9 @@ def resolve_precision(precision: str) -> dict[str, bool]:
         log.warning("trainer.precision=%s needs a CUDA GPU; training in fp32 on this machine", precision)
         precision = "fp32"
     if precision not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(f"trainer.precision={precision!r} is not a precision. Fix: trainer.precision=auto, fp32, fp16 or bf16")
+        raise ConfigError(
+            f"trainer.precision={precision!r} is not a precision. Fix: trainer.precision=auto, fp32, fp16 or bf16"
+        )
     return {"fp16": precision == "fp16", "bf16": precision == "bf16"}
 
 
@@ -130,8 +132,15 @@ def ddp_on_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def build_trainer(cfg: DictConfig, output_dir: Path, model, features: DatasetDict, processor, tracker: MlflowRun | None = None,
-                  callbacks: Sequence[TrainerCallback] = ()) -> tuple[CTCTrainer, ThroughputCallback]:
+def build_trainer(
+    cfg: DictConfig,
+    output_dir: Path,
+    model,
+    features: DatasetDict,
+    processor,
+    tracker: MlflowRun | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> tuple[CTCTrainer, ThroughputCallback]:
     """The Trainer of a run: our batching, collator, metrics and callbacks (benchmarks build theirs here too)."""
     fps = frames_per_second(processor)
     pad = pad_policy(cfg.trainer, fps)
@@ -147,7 +156,10 @@ def build_trainer(cfg: DictConfig, output_dir: Path, model, features: DatasetDic
         compute_metrics=make_compute_metrics(processor.tokenizer),
         preprocess_logits_for_metrics=argmax_logits,
         callbacks=[*([MlflowMetricsCallback(tracker)] if tracker else []), throughput, *callbacks],
-        batch_seconds=cfg.trainer.get("batch_seconds"), pad=pad, frames_per_second=fps, batch_stats=stats,
+        batch_seconds=cfg.trainer.get("batch_seconds"),
+        pad=pad,
+        frames_per_second=fps,
+        batch_stats=stats,
     )
     return trainer, throughput
 
@@ -164,16 +176,31 @@ class CTCTrainer(Trainer):
     - `batch_stats` receives the collator's per-batch numbers (asr.throughput).
     """
 
-    def __init__(self, *args, batch_seconds: float | None = None, pad: PadPolicy = PadPolicy(),
-                 frames_per_second: float = 50.0, batch_stats: BatchStats | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        batch_seconds: float | None = None,
+        pad: PadPolicy = PadPolicy(),
+        frames_per_second: float = 50.0,
+        batch_stats: BatchStats | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.batch_seconds, self.pad, self.frames_per_second, self.batch_stats = batch_seconds, pad, frames_per_second, batch_stats
+        self.batch_seconds, self.pad, self.frames_per_second, self.batch_stats = (
+            batch_seconds,
+            pad,
+            frames_per_second,
+            batch_stats,
+        )
 
     def train_batch_sampler(self, dataset: Dataset) -> DurationBatchSampler:
         return DurationBatchSampler(
-            dataset[LENGTH_COLUMN], max_frames=int(self.batch_seconds * self.frames_per_second), pad=self.pad,
+            dataset[LENGTH_COLUMN],
+            max_frames=int(self.batch_seconds * self.frames_per_second),
+            pad=self.pad,
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
-            num_replicas=self.args.world_size, rank=self.args.process_index,
+            num_replicas=self.args.world_size,
+            rank=self.args.process_index,
         )
 
     def get_train_dataloader(self) -> DataLoader:
@@ -210,7 +237,9 @@ class CTCTrainer(Trainer):
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         restore = lambda array: array[inverse] if isinstance(array, np.ndarray) else array  # noqa: E731
-        return PredictionOutput(predictions=restore(output.predictions), label_ids=restore(output.label_ids), metrics=output.metrics)
+        return PredictionOutput(
+            predictions=restore(output.predictions), label_ids=restore(output.label_ids), metrics=output.metrics
+        )
 
     def _sorted_eval_loader(self, dataset, description: str) -> DataLoader | None:
         order = _eval_order(dataset)
@@ -218,9 +247,13 @@ class CTCTrainer(Trainer):
             return None
         # a plain BatchSampler (fixed size, with `batch_size`): accelerate shards it over ranks, and
         # gather_for_metrics then returns the rows in this order on every world size
-        return self._batched_loader(dataset, BatchSampler(order.tolist(), self.args.eval_batch_size, drop_last=False), description)
+        return self._batched_loader(
+            dataset, BatchSampler(order.tolist(), self.args.eval_batch_size, drop_last=False), description
+        )
 
-    def _batched_loader(self, dataset: Dataset, batch_sampler, description: str, is_training: bool = False) -> DataLoader:
+    def _batched_loader(
+        self, dataset: Dataset, batch_sampler, description: str, is_training: bool = False
+    ) -> DataLoader:
         """What Trainer._get_dataloader builds, with a batch sampler in place of batch_size + sampler."""
         dataset = self._remove_unused_columns(dataset, description=description)
         params = {
@@ -234,7 +267,9 @@ class CTCTrainer(Trainer):
             "in_order": self.args.dataloader_in_order,
         }
         if is_training:
-            params["worker_init_fn"] = partial(seed_worker, num_workers=self.args.dataloader_num_workers, rank=self.args.process_index)
+            params["worker_init_fn"] = partial(
+                seed_worker, num_workers=self.args.dataloader_num_workers, rank=self.args.process_index
+            )
         return self.accelerator.prepare(DataLoader(dataset, **params))
 
     def training_step(self, model, inputs, num_items_in_batch=None):

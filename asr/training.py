@@ -26,8 +26,8 @@ from asr.inference import write_predictions
 from asr.metrics import decode_predictions
 from asr.model import build_model
 from asr.prepare import prepare
-from asr.trainer import RunPruned, build_trainer, configure_torch, ddp_on_cpu
 from asr.tracking import MlflowRun, SweepJob
+from asr.trainer import RunPruned, build_trainer, configure_torch, ddp_on_cpu
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,12 @@ def best_eval(log_history: list[dict]) -> dict[str, float]:
     if not evals:
         return {}
     best = min(evals, key=lambda entry: (entry["eval_wer"], entry["step"]))
-    return {"eval_wer": best["eval_wer"], "eval_cer": best["eval_cer"], "eval_loss": best["eval_loss"], "best_step": best["step"]}
+    return {
+        "eval_wer": best["eval_wer"],
+        "eval_cer": best["eval_cer"],
+        "eval_loss": best["eval_loss"],
+        "best_step": best["step"],
+    }
 
 
 def _shared_output_dir(output_dir: Path) -> tuple[Path, int]:
@@ -67,7 +72,10 @@ def _main_process_first():
 @contextmanager
 def _sigterm_exits():
     """SIGTERM (SLURM's scancel, a time limit) ends the job via SystemExit: its run is closed KILLED."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
         yield
         return
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -77,9 +85,14 @@ def _sigterm_exits():
         signal.signal(signal.SIGTERM, previous)
 
 
-def run(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] = (),
-        callbacks: Sequence[TrainerCallback] = (), resume_from_checkpoint: str | None = None,
-        sweep_job: SweepJob | None = None) -> dict[str, float]:
+def run(
+    cfg: DictConfig,
+    output_dir: str | Path,
+    overrides: Sequence[str] = (),
+    callbacks: Sequence[TrainerCallback] = (),
+    resume_from_checkpoint: str | None = None,
+    sweep_job: SweepJob | None = None,
+) -> dict[str, float]:
     """Train and test one configuration; returns metrics.json's content (eval_wer is what sweeps minimise).
 
     The MLflow run opens first, so a job that fails on its data is recorded as FAILED too.
@@ -94,10 +107,16 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] = (),
     output_dir.mkdir(parents=True, exist_ok=True)
     run_name = cfg.tracking.run_name or (" ".join(overrides) or "defaults")
     tracking_cfg = cfg.tracking if rank == 0 else OmegaConf.create({"enabled": False})
-    tracker = MlflowRun(tracking_cfg, run_name, {"dataset": cfg.dataset.name, "model": cfg.model.name, "overrides": " ".join(overrides)},
-                        sweep=sweep_job if rank == 0 else None)
+    tracker = MlflowRun(
+        tracking_cfg,
+        run_name,
+        {"dataset": cfg.dataset.name, "model": cfg.model.name, "overrides": " ".join(overrides)},
+        sweep=sweep_job if rank == 0 else None,
+    )
     if tracker.run_id:  # lets `asr.evaluate run_dir=...` file its results next to this run
-        (output_dir / "mlflow_run.json").write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.client.tracking_uri}))
+        (output_dir / "mlflow_run.json").write_text(
+            json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.client.tracking_uri})
+        )
         tracker.set_tag("output_dir", str(output_dir.resolve()))
     with _sigterm_exits():
         try:
@@ -105,16 +124,31 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] = (),
             set_seed(cfg.seed)
             with _main_process_first():  # rank 0 speaks the corpus and fills the feature cache; the others read it
                 splits, features, processor = prepare(cfg, work_dir)
-            settings = {"normalization": NORMALIZATION_VERSION, "text": OmegaConf.to_container(cfg.dataset.text),
-                        "audit": OmegaConf.to_container(cfg.audit)}
+            settings = {
+                "normalization": NORMALIZATION_VERSION,
+                "text": OmegaConf.to_container(cfg.dataset.text),
+                "audit": OmegaConf.to_container(cfg.audit),
+            }
             tracker.set_tag("dataset_fingerprint", fingerprint(splits, settings))
             tracker.set_tag("split_sizes", " ".join(f"{name}={len(rows)}" for name, rows in splits.items()))
-            model = build_model(cfg.model, cfg.regularization, processor.tokenizer, cfg.trainer.get("attn_implementation"))
-            features, audit = run_audit(features, cfg.audit, model.config, work_dir / "data_audit.json",
-                                        allow_missing=cfg.dataset.get("allow_missing_audio", False))
-            tracker.log_metrics({"audit_quarantined": audit["quarantined"], **{f"audit_{k}": v for k, v in audit["by_reason"].items()}}, step=0)
+            model = build_model(
+                cfg.model, cfg.regularization, processor.tokenizer, cfg.trainer.get("attn_implementation")
+            )
+            features, audit = run_audit(
+                features,
+                cfg.audit,
+                model.config,
+                work_dir / "data_audit.json",
+                allow_missing=cfg.dataset.get("allow_missing_audio", False),
+            )
+            tracker.log_metrics(
+                {"audit_quarantined": audit["quarantined"], **{f"audit_{k}": v for k, v in audit["by_reason"].items()}},
+                step=0,
+            )
             tracker.log_artifact(output_dir / "data_audit.json")
-            metrics = _train_and_test(cfg, output_dir, model, features, processor, tracker, callbacks, resume_from_checkpoint, rank)
+            metrics = _train_and_test(
+                cfg, output_dir, model, features, processor, tracker, callbacks, resume_from_checkpoint, rank
+            )
         except RunPruned:
             tracker.set_tag("trial_state", "PRUNED")
             tracker.end("FINISHED")
@@ -123,21 +157,33 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] = (),
             tracker.end("KILLED")
             raise
         except Exception as err:
-            tracker.set_tag("error", (str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}")[:5000])
+            tracker.set_tag(
+                "error", (str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}")[:5000]
+            )
             tracker.end("FAILED")
             raise
     tracker.end("FINISHED")
     return metrics
 
 
-def _train_and_test(cfg, output_dir: Path, model, features: DatasetDict, processor, tracker: MlflowRun,
-                    callbacks: Sequence[TrainerCallback] = (), resume_from_checkpoint: str | None = None,
-                    rank: int = 0) -> dict[str, float]:
+def _train_and_test(
+    cfg,
+    output_dir: Path,
+    model,
+    features: DatasetDict,
+    processor,
+    tracker: MlflowRun,
+    callbacks: Sequence[TrainerCallback] = (),
+    resume_from_checkpoint: str | None = None,
+    rank: int = 0,
+) -> dict[str, float]:
     trainer, throughput = build_trainer(cfg, output_dir, model, features, processor, tracker, callbacks)
     started = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     train_runtime = time.perf_counter() - started
-    trainer.save_model(str(output_dir / "model"))  # the best checkpoint, restored by load_best_model_at_end (rank 0 writes)
+    trainer.save_model(
+        str(output_dir / "model")
+    )  # the best checkpoint, restored by load_best_model_at_end (rank 0 writes)
     test = trainer.predict(features["test"], metric_key_prefix="test")  # every rank takes part, and gets every row
     references, hypotheses = decode_predictions(processor.tokenizer, test.predictions, test.label_ids)
 
@@ -155,16 +201,36 @@ def _train_and_test(cfg, output_dir: Path, model, features: DatasetDict, process
     if rank != 0:
         return metrics
     processor.save_pretrained(str(output_dir / "model"))
-    write_predictions(output_dir / "predictions_test.jsonl", features["test"]["id"], features["test"]["speaker"], references, hypotheses)
+    write_predictions(
+        output_dir / "predictions_test.jsonl",
+        features["test"]["id"],
+        features["test"]["speaker"],
+        references,
+        hypotheses,
+    )
     if cfg.get("lm") and cfg.lm.after_training:  # greedy and n-gram LM test WER side by side (asr/lm/after_training.py)
         from asr.lm.after_training import decode_test_with_lm
 
         metrics.update(decode_test_with_lm(cfg, output_dir, trainer.model, features, processor))
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("test_")}, step=trainer.state.global_step)
-    tracker.log_metrics({f"best_{k}": v for k, v in metrics.items() if k in ("eval_cer", "eval_loss")}, step=trainer.state.global_step)
-    for name in ("metrics.json", "predictions_test.jsonl", "model/vocab.json", "predictions_test_lm.jsonl", "model/lm/lm.json"):
+    tracker.log_metrics(
+        {f"best_{k}": v for k, v in metrics.items() if k in ("eval_cer", "eval_loss")}, step=trainer.state.global_step
+    )
+    for name in (
+        "metrics.json",
+        "predictions_test.jsonl",
+        "model/vocab.json",
+        "predictions_test_lm.jsonl",
+        "model/lm/lm.json",
+    ):
         tracker.log_artifact(output_dir / name)
-    log.info("eval WER %.4f (best, step %s) | test WER %.4f, CER %.4f | %s",
-             metrics.get("eval_wer", float("nan")), metrics.get("best_step"), metrics["test_wer"], metrics["test_cer"], output_dir)
+    log.info(
+        "eval WER %.4f (best, step %s) | test WER %.4f, CER %.4f | %s",
+        metrics.get("eval_wer", float("nan")),
+        metrics.get("best_step"),
+        metrics["test_wer"],
+        metrics["test_cer"],
+        output_dir,
+    )
     return metrics

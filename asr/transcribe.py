@@ -47,8 +47,13 @@ class PipelineDecoder:
         return [(self.decoder.decode(logits),)]
 
 
-def build_pipeline(model_dir: str, device: str | None = None, decoder: str = "greedy", lm_dir: str | None = None,
-                   beam: BeamSettings | None = None):
+def build_pipeline(
+    model_dir: str,
+    device: str | None = None,
+    decoder: str = "greedy",
+    lm_dir: str | None = None,
+    beam: BeamSettings | None = None,
+):
     lm_path = Path(lm_dir) if lm_dir else lm_dir_of(model_dir)
     kind = resolve_decoder_name(decoder, lm_path)
     if kind == "beam_lm":
@@ -56,34 +61,67 @@ def build_pipeline(model_dir: str, device: str | None = None, decoder: str = "gr
     model, processor = load_model(model_dir, device)
     extra = {}
     if kind != "greedy":
-        extra["decoder"] = PipelineDecoder(CTCDecoder(kind, processor.tokenizer, model.config.vocab_size, lm_path, beam))
-        hf_logging.get_logger("transformers.pipelines.automatic_speech_recognition").setLevel(hf_logging.ERROR)  # the deprecation note
-    return pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
-                    feature_extractor=processor.feature_extractor, device=model.device, **extra)
+        extra["decoder"] = PipelineDecoder(
+            CTCDecoder(kind, processor.tokenizer, model.config.vocab_size, lm_path, beam)
+        )
+        hf_logging.get_logger("transformers.pipelines.automatic_speech_recognition").setLevel(
+            hf_logging.ERROR
+        )  # the deprecation note
+    return pipeline(
+        "automatic-speech-recognition",
+        model=model,
+        tokenizer=processor.tokenizer,
+        feature_extractor=processor.feature_extractor,
+        device=model.device,
+        **extra,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Transcribe audio files with a model saved by train.py (its model/ folder).")
+    parser = argparse.ArgumentParser(
+        description="Transcribe audio files with a model saved by train.py (its model/ folder)."
+    )
     parser.add_argument("model_dir", help="folder with the model and processor (a run's outputs/.../model)")
     parser.add_argument("files", nargs="+", help="audio files (FLAC, WAV, OGG, ...; any sample rate)")
     parser.add_argument("--batch-size", type=int, default=1, help="chunks per forward pass (default 1)")
-    parser.add_argument("--chunk-seconds", type=float, default=30.0, help="longer files are split into chunks of this length")
-    parser.add_argument("--stride-seconds", type=float, default=5.0, help="overlap on each side of a chunk, for clean joins")
-    parser.add_argument("--json", action="store_true", help="print JSON lines {path, text, seconds} instead of path<TAB>text")
+    parser.add_argument(
+        "--chunk-seconds", type=float, default=30.0, help="longer files are split into chunks of this length"
+    )
+    parser.add_argument(
+        "--stride-seconds", type=float, default=5.0, help="overlap on each side of a chunk, for clean joins"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON lines {path, text, seconds} instead of path<TAB>text"
+    )
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--decoder", default="auto", choices=("auto", *DECODERS),
-                        help="auto (default): beam search with the model's n-gram LM when MODEL_DIR/lm exists, else greedy")
+    parser.add_argument(
+        "--decoder",
+        default="auto",
+        choices=("auto", *DECODERS),
+        help="auto (default): beam search with the model's n-gram LM when MODEL_DIR/lm exists, else greedy",
+    )
     parser.add_argument("--lm", default=None, help="LM folder made by `python -m asr.lm build` (default: MODEL_DIR/lm)")
-    parser.add_argument("--beam-width", type=int, default=BeamSettings.beam_width, help="hypotheses kept per frame (beam decoders)")
-    parser.add_argument("--alpha", type=float, default=None, help="LM weight (default: the value tuned into the LM's lm.json)")
+    parser.add_argument(
+        "--beam-width", type=int, default=BeamSettings.beam_width, help="hypotheses kept per frame (beam decoders)"
+    )
+    parser.add_argument(
+        "--alpha", type=float, default=None, help="LM weight (default: the value tuned into the LM's lm.json)"
+    )
     parser.add_argument("--beta", type=float, default=None, help="word insertion bonus (default: the tuned value)")
     args = parser.parse_args(argv)
 
     if not (Path(args.model_dir) / "config.json").is_file():
-        raise ConfigError(f"{args.model_dir} is not a saved model (no config.json). Fix: pass a run's model folder, "
-                          "e.g. outputs/<date>/<time>/model")
-    asr = build_pipeline(args.model_dir, args.device, args.decoder, args.lm,
-                         BeamSettings(beam_width=args.beam_width, alpha=args.alpha, beta=args.beta))
+        raise ConfigError(
+            f"{args.model_dir} is not a saved model (no config.json). Fix: pass a run's model folder, "
+            "e.g. outputs/<date>/<time>/model"
+        )
+    asr = build_pipeline(
+        args.model_dir,
+        args.device,
+        args.decoder,
+        args.lm,
+        BeamSettings(beam_width=args.beam_width, alpha=args.alpha, beta=args.beta),
+    )
     rate = asr.feature_extractor.sampling_rate
     failed = 0
     for path in args.files:
@@ -93,11 +131,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cannot read {err}", file=sys.stderr)
             failed += 1
             continue
-        chunking = {"chunk_length_s": args.chunk_seconds, "stride_length_s": args.stride_seconds} if len(audio) > args.chunk_seconds * rate else {}
+        chunking = (
+            {"chunk_length_s": args.chunk_seconds, "stride_length_s": args.stride_seconds}
+            if len(audio) > args.chunk_seconds * rate
+            else {}
+        )
         with torch.inference_mode():
             text = asr({"raw": audio, "sampling_rate": rate}, batch_size=args.batch_size, **chunking)["text"]
         if args.json:
-            print(json.dumps({"path": path, "text": text, "seconds": round(len(audio) / rate, 3)}, ensure_ascii=False), flush=True)
+            print(
+                json.dumps({"path": path, "text": text, "seconds": round(len(audio) / rate, 3)}, ensure_ascii=False),
+                flush=True,
+            )
         else:
             print(f"{path}\t{text}", flush=True)
     if failed:

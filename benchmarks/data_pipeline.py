@@ -45,7 +45,10 @@ def main(overrides: list[str]) -> None:
         processor = new_processor(cfg, load_normalised(cfg.dataset), tmp / "model")
         audio_s, cold, audit_cold, bad = timed_pass(cfg, processor, tmp / "cache", tmp)
         _, warm, audit_warm, _ = timed_pass(cfg, processor, tmp / "cache", tmp)
-    print(f"dataset {cfg.dataset.name}: {audio_s / 3600:.2f} h of audio, {bad} quarantined, num_proc={cfg.dataset.num_proc}")
+    print(
+        f"dataset {cfg.dataset.name}: {audio_s / 3600:.2f} h of audio, {bad} quarantined, "
+        f"num_proc={cfg.dataset.num_proc}"
+    )
     print(f"cold: decode + features {cold:.1f} s ({audio_s / cold:.0f}x real time), audit {audit_cold:.2f} s")
     print(f"warm (features cached): {warm:.2f} s ({audio_s / warm:.0f}x real time), audit {audit_warm:.2f} s")
     print(f"ratio cold/warm: {cold / warm:.0f}x")

@@ -78,7 +78,9 @@ def run_arm(arm: str, opts: argparse.Namespace) -> dict:
     with initialize_config_dir(config_dir=str(REPO_DIR / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     work = Path(opts.work)
-    processor = build_processor(build_vocab([chr(0x0900 + i) for i in range(70)]), load_feature_extractor(cfg.model), work / arm)
+    processor = build_processor(
+        build_vocab([chr(0x0900 + i) for i in range(70)]), load_feature_extractor(cfg.model), work / arm
+    )
     torch.manual_seed(0)
     device = "cuda" if cuda else "cpu"
     model = build_model(cfg.model, cfg.regularization, processor.tokenizer).to(device).train()
@@ -92,10 +94,20 @@ def run_arm(arm: str, opts: argparse.Namespace) -> dict:
     step_times, real_frames, padded_frames, shapes, steps = [], 0, 0, set(), 0
     for epoch in range(opts.epochs):
         frames, batches, pad = plan_batches(arm, seconds, opts.batch, opts.multiple, epoch)
-        rows = [{"input_features": np.random.default_rng(i).standard_normal((int(f), 160), dtype=np.float32), "labels": labels[i]}
-                for i, f in enumerate(frames)]
-        loader = DataLoader(rows, batch_sampler=batches, collate_fn=CTCCollator(processor, pad, with_stats=True),
-                            num_workers=2 if cuda else 0, pin_memory=cuda)
+        rows = [
+            {
+                "input_features": np.random.default_rng(i).standard_normal((int(f), 160), dtype=np.float32),
+                "labels": labels[i],
+            }
+            for i, f in enumerate(frames)
+        ]
+        loader = DataLoader(
+            rows,
+            batch_sampler=batches,
+            collate_fn=CTCCollator(processor, pad, with_stats=True),
+            num_workers=2 if cuda else 0,
+            pin_memory=cuda,
+        )
         clock = time.perf_counter()
         for batch in loader:
             stats = batch.pop(STATS_KEY)
@@ -119,21 +131,35 @@ def run_arm(arm: str, opts: argparse.Namespace) -> dict:
     if not step_times:
         raise ValueError(f"--warmup {opts.warmup} leaves no timed step of {steps}: raise --utterances or --epochs")
     timed = sum(step_times)
-    return {"arm": arm, "real_audio_s_per_s": real_frames / FPS / timed, "padding_fraction": 1 - real_frames / padded_frames,
-            "distinct_shapes": len(shapes), "steps": steps, "timed_steps": len(step_times),
-            "mean_step_s": timed / len(step_times), "mean_batch": opts.utterances * opts.epochs / steps,
-            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-            "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    return {
+        "arm": arm,
+        "real_audio_s_per_s": real_frames / FPS / timed,
+        "padding_fraction": 1 - real_frames / padded_frames,
+        "distinct_shapes": len(shapes),
+        "steps": steps,
+        "timed_steps": len(step_times),
+        "mean_step_s": timed / len(step_times),
+        "mean_batch": opts.utterances * opts.epochs / steps,
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+    }
 
 
-SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select",  # each waits for the GPU on CUDA
-            "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync")  # CUDA runtime calls (GPU runs only)
+SYNC_OPS = (
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::masked_select",  # each waits for the GPU on CUDA
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaMemcpyAsync",
+)  # CUDA runtime calls (GPU runs only)
 
 
 def profile(opts: argparse.Namespace) -> None:
     """Host-side cost of SpecAugment's NumPy masks and of ops that synchronise with the GPU, per step."""
     import torch
-    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
     from transformers.models.wav2vec2_bert import modeling_wav2vec2_bert as w2v
 
     original = w2v._compute_mask_indices
@@ -155,7 +181,10 @@ def profile(opts: argparse.Namespace) -> None:
     print(f"{steps} steps of batch {opts.batch}, {total_ms:.1f} ms/step (profiled)")
     if mask:
         per_step = mask.cpu_time_total / 1000 / steps
-        print(f"_compute_mask_indices: {mask.count / steps:.1f} calls/step, {per_step:.2f} ms/step = {100 * per_step / total_ms:.2f}% of a step")
+        print(
+            f"_compute_mask_indices: {mask.count / steps:.1f} calls/step, {per_step:.2f} ms/step = "
+            f"{100 * per_step / total_ms:.2f}% of a step"
+        )
     for name in SYNC_OPS:
         if name in events:
             e = events[name]
@@ -171,7 +200,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="mean utterances per batch, every arm")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--warmup", type=int)
-    parser.add_argument("--multiple", type=int, default=25, help="bounded arm: pad to a multiple of this many frames (50/s)")
+    parser.add_argument(
+        "--multiple", type=int, default=25, help="bounded arm: pad to a multiple of this many frames (50/s)"
+    )
     parser.add_argument("--attn", default="sdpa", help="sdpa | eager")
     parser.add_argument("--arms", default="naive,bucketed,bounded,fixed")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
@@ -211,7 +242,9 @@ def main() -> None:
             else:
                 env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
             args = [sys.executable, __file__, "--arm", arm, "--work", work] + [
-                f"--{k}={getattr(opts, k)}" for k in ("utterances", "batch", "epochs", "warmup", "multiple", "attn", "threads")]
+                f"--{k}={getattr(opts, k)}"
+                for k in ("utterances", "batch", "epochs", "warmup", "multiple", "attn", "threads")
+            ]
             done = subprocess.run(args + (["--gpu"] if opts.gpu else []), env=env, capture_output=True, text=True)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             row = json.loads(lines[-1][7:]) if lines else {"arm": arm, "error": done.stderr[-2000:]}
@@ -232,9 +265,15 @@ def main() -> None:
             print(f"{arm:<10} failed: {r['error'][-300:]}")
             continue
         peak = f"{r['peak_gpu_gib']:.1f}" if r["peak_gpu_gib"] is not None else "-"
-        print(f"{arm:<10}{r['real_audio_s_per_s']:>15.1f}{100 * r['padding_fraction']:>8.1f}%{r['distinct_shapes']:>8}"
-              f"{r['mean_step_s']:>8.3f}{peak:>9}")
-    print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()) + f"  ({opts.utterances} utterances, mean batch {opts.batch}, {opts.epochs} epochs)")
+        print(
+            f"{arm:<10}{r['real_audio_s_per_s']:>15.1f}{100 * r['padding_fraction']:>8.1f}%{r['distinct_shapes']:>8}"
+            f"{r['mean_step_s']:>8.3f}{peak:>9}"
+        )
+    print(
+        "ratios: "
+        + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+        + f"  ({opts.utterances} utterances, mean batch {opts.batch}, {opts.epochs} epochs)"
+    )
 
 
 if __name__ == "__main__":

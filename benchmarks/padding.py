@@ -65,28 +65,38 @@ def compare(name: str, seconds: np.ndarray, batch: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(lengths))
     grouped = get_length_grouped_indices(lengths.tolist(), batch)
-    rows = {"random": padding_stats(lengths, [order[i : i + batch] for i in range(0, len(order), batch)]),
-            "group_by_length": padding_stats(lengths, [grouped[i : i + batch] for i in range(0, len(grouped), batch)])}
+    rows = {
+        "random": padding_stats(lengths, [order[i : i + batch] for i in range(0, len(order), batch)]),
+        "group_by_length": padding_stats(lengths, [grouped[i : i + batch] for i in range(0, len(grouped), batch)]),
+    }
     for label, pad in (("bucketed", PadPolicy()), ("bucketed+bounded", PadPolicy(multiple_of=25))):
         cap = cap_for_mean_batch(lengths, batch, pad)
         sampler = DurationBatchSampler(lengths, cap, pad, seed=seed)
         rows[label] = {**padding_stats(lengths, list(sampler), pad), "batch_seconds": cap / FPS}
-    print(f"\n{name}: {len(lengths)} utterances, mean {seconds.mean():.2f} s, median {np.median(seconds):.2f} s, "
-          f"max {seconds.max():.1f} s; mean batch {batch}")
+    print(
+        f"\n{name}: {len(lengths)} utterances, mean {seconds.mean():.2f} s, median {np.median(seconds):.2f} s, "
+        f"max {seconds.max():.1f} s; mean batch {batch}"
+    )
     print(f"  {'method':<18}{'padding':>9}{'waste':>8}{'shapes':>8}{'batches':>9}  cap")
     for label, r in rows.items():
         cap = f"{r['batch_seconds']:.1f} padded s" if "batch_seconds" in r else f"{batch} utterances"
-        print(f"  {label:<18}{100 * r['padding_fraction']:>8.1f}%{100 * r['padding_waste']:>7.1f}%"
-              f"{r['distinct_shapes']:>8}{r['batches']:>9}  {cap}")
+        print(
+            f"  {label:<18}{100 * r['padding_fraction']:>8.1f}%{100 * r['padding_waste']:>7.1f}%"
+            f"{r['distinct_shapes']:>8}{r['batches']:>9}  {cap}"
+        )
     ratio = rows["random"]["padding_waste"] / max(rows["bucketed"]["padding_waste"], 1e-9)
-    print(f"  waste random / bucketed: {ratio:.0f}x; group_by_length / bucketed: "
-          f"{rows['group_by_length']['padding_waste'] / max(rows['bucketed']['padding_waste'], 1e-9):.1f}x")
+    print(
+        f"  waste random / bucketed: {ratio:.0f}x; group_by_length / bucketed: "
+        f"{rows['group_by_length']['padding_waste'] / max(rows['bucketed']['padding_waste'], 1e-9):.1f}x"
+    )
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--manifest", help="JSON-lines manifest with a `duration` per line (replaces the built-in corpus)")
+    parser.add_argument(
+        "--manifest", help="JSON-lines manifest with a `duration` per line (replaces the built-in corpus)"
+    )
     parser.add_argument("--batch", type=int, nargs="+", default=[8, 32], help="mean utterances per batch")
     args = parser.parse_args()
     started = time.perf_counter()

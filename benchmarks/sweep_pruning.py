@@ -20,9 +20,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import asr  # noqa: F401  (registers ${repo_dir:})
 from hydra import compose, initialize_config_dir
 
+import asr  # noqa: F401  (registers ${repo_dir:})
 from asr.paths import REPO_DIR
 from asr.sweep import run_study
 from asr.sweep.report import leaderboard
@@ -37,8 +37,8 @@ pruner:
   name: none
 n_trials: null
 params:
-  trainer.lr: choice({', '.join(map(str, LRS))})
-  trainer.warmup_steps: choice({', '.join(map(str, WARMUPS))})
+  trainer.lr: choice({", ".join(map(str, LRS))})
+  trainer.warmup_steps: choice({", ".join(map(str, WARMUPS))})
 """
 TPE = f"""sampler:
   name: tpe
@@ -57,10 +57,18 @@ def run(name: str, body: str, args, root: Path) -> dict:
     conf = root / "conf"
     (conf / "sweep").mkdir(parents=True, exist_ok=True)
     (conf / "sweep" / f"{name}.yaml").write_text("defaults:\n  - /shared/sweep@_here_\n  - _self_\n" + body)
-    overrides = [f"hydra.searchpath=[file://{conf}]", f"sweep={name}", f"sweep.study_name={name}-{args.stamp}",
-                 f"sweep.dir={args.out / f'{name}-{args.stamp}'}", "sweep.export_dir=null", f"sweep.workers={args.workers}",
-                 f"sweep.n_trials={args.trials}", f"trainer.epochs={args.epochs}", f"trainer.eval_steps={args.eval_steps}",
-                 "tracking.experiment=benchmark-sweep-pruning"]
+    overrides = [
+        f"hydra.searchpath=[file://{conf}]",
+        f"sweep={name}",
+        f"sweep.study_name={name}-{args.stamp}",
+        f"sweep.dir={args.out / f'{name}-{args.stamp}'}",
+        "sweep.export_dir=null",
+        f"sweep.workers={args.workers}",
+        f"sweep.n_trials={args.trials}",
+        f"trainer.epochs={args.epochs}",
+        f"trainer.eval_steps={args.eval_steps}",
+        "tracking.experiment=benchmark-sweep-pruning",
+    ]
     with initialize_config_dir(config_dir=str(REPO_DIR / "conf"), version_base="1.3"):
         cfg = compose("study", overrides=overrides)
     spec = spec_from_config(cfg, overrides)
@@ -68,9 +76,16 @@ def run(name: str, body: str, args, root: Path) -> dict:
     study = run_study(spec)
     minutes = (time.perf_counter() - started) / 60
     table = leaderboard(study).sort_values("trial")
-    return {"study": name, "trials": len(table), "pruned": int((table["state"] == "PRUNED").sum()),
-            "steps": [int(s) for s in table["steps"]], "values": [None if v != v else v for v in table["value"]],
-            "states": list(table["state"]), "best": float(study.best_value), "minutes": round(minutes, 1)}
+    return {
+        "study": name,
+        "trials": len(table),
+        "pruned": int((table["state"] == "PRUNED").sum()),
+        "steps": [int(s) for s in table["steps"]],
+        "values": [None if v != v else v for v in table["value"]],
+        "states": list(table["state"]),
+        "best": float(study.best_value),
+        "minutes": round(minutes, 1),
+    }
 
 
 def steps_to_reach(result: dict, target: float) -> int | None:
@@ -85,7 +100,9 @@ def steps_to_reach(result: dict, target: float) -> int | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=len(LRS) * len(WARMUPS), help="trials per study (grid: first N points)")
+    parser.add_argument(
+        "--trials", type=int, default=len(LRS) * len(WARMUPS), help="trials per study (grid: first N points)"
+    )
     parser.add_argument("--epochs", type=int, default=3, help="epochs per full trial")
     parser.add_argument("--eval-steps", type=int, default=50, help="evaluate (and report to the pruner) every N steps")
     parser.add_argument("--workers", type=int, default=2, help="worker processes per study")
@@ -100,15 +117,24 @@ def main() -> None:
     reach = steps_to_reach(tpe, grid["best"])
     print(f"\n{'study':<12}{'trials':>7}{'pruned':>7}{'train steps':>12}{'best eval WER':>14}{'minutes':>9}")
     for r in (grid, tpe):
-        print(f"{r['study']:<12}{r['trials']:>7}{r['pruned']:>7}{sum(r['steps']):>12}{r['best']:>14.4f}{r['minutes']:>9}")
-    print(f"\nTPE + median pruning used {tpe_steps / grid_steps:.0%} of the grid's compute; best WER "
-          f"{tpe['best']:.4f} vs the grid's {grid['best']:.4f}.")
+        print(
+            f"{r['study']:<12}{r['trials']:>7}{r['pruned']:>7}{sum(r['steps']):>12}{r['best']:>14.4f}{r['minutes']:>9}"
+        )
+    print(
+        f"\nTPE + median pruning used {tpe_steps / grid_steps:.0%} of the grid's compute; best WER "
+        f"{tpe['best']:.4f} vs the grid's {grid['best']:.4f}."
+    )
     if reach is None:
         print("It did not reach the grid's best WER within its trials.")
     else:
-        print(f"It first matched the grid's best WER after {reach} steps: {reach / grid_steps:.0%} of the grid's compute (goal <= 40%).")
+        print(
+            f"It first matched the grid's best WER after {reach} steps: {reach / grid_steps:.0%} of "
+            "the grid's compute (goal <= 40%)."
+        )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"results-{args.stamp}.json").write_text(json.dumps({"grid": grid, "tpe_median": tpe, "steps_to_reach_grid_best": reach}, indent=2))
+    (args.out / f"results-{args.stamp}.json").write_text(
+        json.dumps({"grid": grid, "tpe_median": tpe, "steps_to_reach_grid_best": reach}, indent=2)
+    )
 
 
 if __name__ == "__main__":

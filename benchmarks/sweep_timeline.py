@@ -41,13 +41,21 @@ def events(path: Path, patterns: dict[str, str]) -> dict[str, float]:
 
 def main(sweep_dir: str) -> None:
     folder = Path(sweep_dir)
-    driver = events(folder / "sweep.log", {"start": r".", "submitted": r"submitted \d+ workers", "end": r"parent run .* closed"})
+    driver = events(
+        folder / "sweep.log", {"start": r".", "submitted": r"submitted \d+ workers", "end": r"parent run .* closed"}
+    )
     t0 = driver["start"]
-    print(f"driver: submitted at {driver.get('submitted', float('nan')) - t0:6.1f} s, closed at {driver['end'] - t0:6.1f} s")
+    print(
+        f"driver: submitted at {driver.get('submitted', float('nan')) - t0:6.1f} s, closed at "
+        f"{driver['end'] - t0:6.1f} s"
+    )
     logs = sorted((folder / "submitit").glob("*_*/*_0_log.err")) or sorted((folder / "workers").glob("worker_*.log"))
     for log in logs:
         ev = events(log, {"joined study": r"joins study", "done": r"done after"})
-        print(f"{log.parent.name or log.stem}: " + ", ".join(f"{k} {v - t0:6.1f} s" for k, v in sorted(ev.items(), key=lambda kv: kv[1])))
+        print(
+            f"{log.parent.name or log.stem}: "
+            + ", ".join(f"{k} {v - t0:6.1f} s" for k, v in sorted(ev.items(), key=lambda kv: kv[1]))
+        )
     client = MlflowClient()
     for trial_dir in sorted(folder.glob("trial_*")):
         record = trial_dir / "mlflow_run.json"
@@ -58,8 +66,10 @@ def main(sweep_dir: str) -> None:
         losses = client.get_metric_history(run_id, "loss")
         first = min((m.timestamp for m in losses), default=None)
         start, end = run.info.start_time / 1000, (run.info.end_time or 0) / 1000
-        print(f"{trial_dir.name}: run created {start - t0:6.1f} s, first loss logged {(first or 0) / 1000 - t0:6.1f} s, "
-              f"ended {end - t0:6.1f} s ({run.info.status})")
+        print(
+            f"{trial_dir.name}: run created {start - t0:6.1f} s, first loss logged {(first or 0) / 1000 - t0:6.1f} s, "
+            f"ended {end - t0:6.1f} s ({run.info.status})"
+        )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,14 @@ def train_seconds(env_extra: dict[str, str], steps: int, work: Path) -> float:
     run_dir = Path(tempfile.mkdtemp(dir=work))
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env.update(env_extra)
-    cmd = [sys.executable, str(REPO / "train.py"), "debug=fast", f"trainer.max_steps={steps}", "tracking.enabled=false",
-           f"hydra.run.dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "debug=fast",
+        f"trainer.max_steps={steps}",
+        "tracking.enabled=false",
+        f"hydra.run.dir={run_dir}",
+    ]
     subprocess.run(cmd, env=env, cwd=work, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads((run_dir / "metrics.json").read_text())["train_runtime"]
 
@@ -55,7 +61,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds; each runs every arm idle and busy")
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps per run")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--out", type=Path, default=Path("thread_policy.jsonl"), help="JSON lines, appended as measured")
+    parser.add_argument(
+        "--out", type=Path, default=Path("thread_policy.jsonl"), help="JSON lines, appended as measured"
+    )
     args = parser.parse_args()
     print(f"cores {os.cpu_count()}, load average before start {os.getloadavg()[0]:.2f}", flush=True)
     results: dict[tuple[str, str], list[float]] = {}
@@ -75,8 +83,14 @@ def main() -> None:
                             neighbour.kill()
                             neighbour.wait()
                     results.setdefault((arm, condition), []).append(seconds)
-                    line = {"round": round_index, "arm": arm, "env": ARMS[arm], "condition": condition,
-                            "steps": args.steps, "train_runtime": round(seconds, 2)}
+                    line = {
+                        "round": round_index,
+                        "arm": arm,
+                        "env": ARMS[arm],
+                        "condition": condition,
+                        "steps": args.steps,
+                        "train_runtime": round(seconds, 2),
+                    }
                     with args.out.open("a") as out:
                         out.write(json.dumps(line) + "\n")
                     print(json.dumps(line), flush=True)

@@ -41,14 +41,24 @@ from asr.collator import STATS_KEY
 from asr.features import build_processor, build_vocab
 from asr.model import build_model, load_feature_extractor
 from asr.paths import REPO_DIR
-from asr.tracking import MlflowRun
 from asr.prepare import prepare
+from asr.tracking import MlflowRun
 from asr.trainer import build_trainer, configure_torch, resolve_precision
 
-CPU = {"model": ["model=tiny"], "a": ["trainer=cpu", "trainer.batch_seconds=30", "trainer.pad_to_multiple_of=25"],
-       "b": ["trainer=seed"], "steps": 30, "warmup": 5}
-GPU = {"model": ["model=w2v_bert_2", "model.pretrained=false", "regularization=seed"], "a": ["trainer=gpu_fast"],
-       "b": ["trainer=seed", "trainer.attn_implementation=eager"], "steps": 30, "warmup": 5}
+CPU = {
+    "model": ["model=tiny"],
+    "a": ["trainer=cpu", "trainer.batch_seconds=30", "trainer.pad_to_multiple_of=25"],
+    "b": ["trainer=seed"],
+    "steps": 30,
+    "warmup": 5,
+}
+GPU = {
+    "model": ["model=w2v_bert_2", "model.pretrained=false", "regularization=seed"],
+    "a": ["trainer=gpu_fast"],
+    "b": ["trainer=seed", "trainer.attn_implementation=eager"],
+    "steps": 30,
+    "warmup": 5,
+}
 
 
 class StepClock(TrainerCallback):
@@ -75,10 +85,14 @@ def synthetic_features(n: int, vocab_size: int, seed: int = 0) -> Dataset:
     rng = np.random.default_rng(seed)
     seconds = np.clip(rng.lognormal(np.log(4.0), 0.45, n), 1.0, 15.0)
     frames = (seconds * 50).astype(int)
-    return Dataset.from_dict({
-        "input_features": [rng.standard_normal((f, 160), dtype=np.float32) for f in frames],
-        "labels": [rng.integers(1, vocab_size - 1, int(s * 14)).tolist() for s in seconds],  # ~14 characters/s
-        "input_length": frames.tolist(), "duration": seconds.tolist()})
+    return Dataset.from_dict(
+        {
+            "input_features": [rng.standard_normal((f, 160), dtype=np.float32) for f in frames],
+            "labels": [rng.integers(1, vocab_size - 1, int(s * 14)).tolist() for s in seconds],  # ~14 characters/s
+            "input_length": frames.tolist(),
+            "duration": seconds.tolist(),
+        }
+    )
 
 
 def load_data(cfg, synthetic: int | None, work: Path):
@@ -106,9 +120,13 @@ def arm(cfg, label, initial, features, processor, steps, warmup, work, tracker=N
         clock = StepClock(throughput)
         trainer.add_callback(clock)
         trainer.train()
-        return {"arm": label, "audio_s_per_s": audio_per_second(clock.marks, warmup, fps),
-                "padding": throughput.summary["train_padding_fraction"], "steps": len(clock.marks),
-                **{k: v for k, v in throughput.summary.items() if k in ("train_mfu", "peak_gpu_memory_gib")}}
+        return {
+            "arm": label,
+            "audio_s_per_s": audio_per_second(clock.marks, warmup, fps),
+            "padding": throughput.summary["train_padding_fraction"],
+            "steps": len(clock.marks),
+            **{k: v for k, v in throughput.summary.items() if k in ("train_mfu", "peak_gpu_memory_gib")},
+        }
     finally:  # free this arm's GPU memory before the next one starts
         del trainer, model
         gc.collect()
@@ -154,7 +172,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps per arm and round")
     parser.add_argument("--warmup", type=int, help="steps not timed at the start of each arm")
     parser.add_argument("--rounds", type=int, default=5, help="A/B rounds (alternating)")
-    parser.add_argument("--synthetic", type=int, help="N synthetic OpenSLR-54-like utterances instead of the built-in corpus")
+    parser.add_argument(
+        "--synthetic", type=int, help="N synthetic OpenSLR-54-like utterances instead of the built-in corpus"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default="throughput_results.jsonl", help="JSON lines, appended as results come")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both arms, e.g. trainer.lr=1e-4")
@@ -175,21 +195,39 @@ def main() -> None:
     cfg_a, cfg_b = compose_cfg(base + plan["a"]), compose_cfg(base + plan["b"])
     configure_torch(cfg_a.trainer)  # allocator settings before CUDA starts (benefits both arms: said in the output)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    record({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "a": plan["a"], "b": plan["b"], "model": base, "steps": steps, "warmup": warmup,
-            "precision_a": resolve_precision(cfg_a.trainer.precision), "threads": torch.get_num_threads()})
+    record(
+        {
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "a": plan["a"],
+            "b": plan["b"],
+            "model": base,
+            "steps": steps,
+            "warmup": warmup,
+            "precision_a": resolve_precision(cfg_a.trainer.precision),
+            "threads": torch.get_num_threads(),
+        }
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         features, processor = load_data(cfg_a, synthetic, work)
         torch.manual_seed(0)
         initial = build_model(cfg_a.model, cfg_a.regularization, processor.tokenizer)
-        tracking = OmegaConf.create({"enabled": True, "uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "throughput"})
+        tracking = OmegaConf.create(
+            {"enabled": True, "uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "throughput"}
+        )
         tracker = MlflowRun(tracking, "overhead", {})
         results: dict[str, list[float]] = {}
-        initial_b = build_model(cfg_b.model, cfg_b.regularization, processor.tokenizer, cfg_b.trainer.get("attn_implementation"))
+        initial_b = build_model(
+            cfg_b.model, cfg_b.regularization, processor.tokenizer, cfg_b.trainer.get("attn_implementation")
+        )
         initial_b.load_state_dict(initial.state_dict())  # same weights; only the attention kernel may differ
-        arms = (("A", cfg_a, initial, {}), ("B", cfg_b, initial_b, {}), ("ours", cfg_a, initial, {"tracker": tracker}),
-                ("bare", cfg_a, initial, {"bare": True}))
+        arms = (
+            ("A", cfg_a, initial, {}),
+            ("B", cfg_b, initial_b, {}),
+            ("ours", cfg_a, initial, {"tracker": tracker}),
+            ("bare", cfg_a, initial, {"bare": True}),
+        )
         for round_ in range(args.rounds):
             for label, cfg, model, kwargs in arms:
                 row = arm(cfg, label, model, features, processor, steps, warmup, work, **kwargs)
@@ -200,13 +238,23 @@ def main() -> None:
     # ratios paired within each round (neighbouring in time), then the median: robust to load changing between rounds
     a_over_b = statistics.median(a / b for a, b in zip(results["A"], results["B"]))
     ours_over_bare = statistics.median(o / b for o, b in zip(results["ours"], results["bare"]))
-    summary = {"A_audio_s_per_s": med["A"], "B_audio_s_per_s": med["B"], "A_over_B": a_over_b, "ours_over_bare": ours_over_bare,
-               "rounds": results}
+    summary = {
+        "A_audio_s_per_s": med["A"],
+        "B_audio_s_per_s": med["B"],
+        "A_over_B": a_over_b,
+        "ours_over_bare": ours_over_bare,
+        "rounds": results,
+    }
     record({"summary": summary})
-    print(f"\nA ({' '.join(plan['a'])}): {med['A']:.1f} audio s/s | B ({' '.join(plan['b'])}): {med['B']:.1f} audio s/s"
-          f" | A/B = {summary['A_over_B']:.2f}x")
-    print(f"overhead: our pipeline {med['ours']:.1f} vs bare loop {med['bare']:.1f} audio s/s = {summary['ours_over_bare']:.3f}"
-          f" (goal >= 0.95); rounds: {args.rounds}, steps {steps} (first {warmup} untimed)")
+    print(
+        f"\nA ({' '.join(plan['a'])}): {med['A']:.1f} audio s/s | B ({' '.join(plan['b'])}): {med['B']:.1f} audio s/s"
+        f" | A/B = {summary['A_over_B']:.2f}x"
+    )
+    print(
+        f"overhead: our pipeline {med['ours']:.1f} vs bare loop {med['bare']:.1f} audio s/s = "
+        f"{summary['ours_over_bare']:.3f}"
+        f" (goal >= 0.95); rounds: {args.rounds}, steps {steps} (first {warmup} untimed)"
+    )
 
 
 if __name__ == "__main__":

@@ -60,8 +60,13 @@ def learned(tmp_path_factory):
     """One real 300-step run of `python train.py` on the small corpus, shared by the tests that need a model:
     (its composed config, its run folder, its metrics.json)."""
     output_dir = tmp_path_factory.mktemp("run")
-    result = subprocess.run([sys.executable, str(REPO_DIR / "train.py"), *LEARNING_RUN, f"hydra.run.dir={output_dir}"],
-                            cwd=output_dir, capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(
+        [sys.executable, str(REPO_DIR / "train.py"), *LEARNING_RUN, f"hydra.run.dir={output_dir}"],
+        cwd=output_dir,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     cfg = OmegaConf.load(output_dir / ".hydra" / "config.yaml")
     return cfg, output_dir, json.loads((output_dir / "metrics.json").read_text())

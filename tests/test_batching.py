@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import compose_cfg
 from datasets import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
@@ -14,9 +15,8 @@ from asr.batching import DurationBatchSampler, PadPolicy, batch_cost, padding_st
 from asr.collator import STATS_KEY, CTCCollator
 from asr.features import build_processor, build_vocab
 from asr.inference import blank_padded_frames
-from asr.trainer import CTCTrainer
 from asr.model import build_model, load_feature_extractor
-from conftest import compose_cfg
+from asr.trainer import CTCTrainer
 
 POLICIES = [PadPolicy(), PadPolicy(multiple_of=25), PadPolicy(multiple_of=25, edges=(100, 150, 200, 300))]
 
@@ -83,7 +83,9 @@ def test_order_is_deterministic_given_seed_and_epoch_and_changes_across_epochs()
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ddp_ranks_get_distinct_batches_of_equal_count(world):
     lengths = _lengths(301)
-    samplers = [DurationBatchSampler(lengths, 1200, PadPolicy(25), seed=1, num_replicas=world, rank=r) for r in range(world)]
+    samplers = [
+        DurationBatchSampler(lengths, 1200, PadPolicy(25), seed=1, num_replicas=world, rank=r) for r in range(world)
+    ]
     single = DurationBatchSampler(lengths, 1200, PadPolicy(25), seed=1)
     for epoch in range(2):
         per_rank = []
@@ -122,7 +124,9 @@ def test_pad_policy_bounds_the_padded_lengths():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     cfg = compose_cfg()
-    processor = build_processor(build_vocab(["क ख ग घ"]), load_feature_extractor(cfg.model), tmp_path_factory.mktemp("proc"))
+    processor = build_processor(
+        build_vocab(["क ख ग घ"]), load_feature_extractor(cfg.model), tmp_path_factory.mktemp("proc")
+    )
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.regularization, processor.tokenizer)
     return processor, model
@@ -142,8 +146,11 @@ def test_collator_pads_to_bucket_lengths_and_masks_only_real_frames(tiny):
     with torch.no_grad():
         alone = CTCCollator(processor)([rows[0]])
         short = blank_padded_frames(model(**alone).logits, alone["attention_mask"], model)
-        padded = blank_padded_frames(model(input_features=batch["input_features"], attention_mask=batch["attention_mask"]).logits,
-                                     batch["attention_mask"], model)
+        padded = blank_padded_frames(
+            model(input_features=batch["input_features"], attention_mask=batch["attention_mask"]).logits,
+            batch["attention_mask"],
+            model,
+        )
     n = short.shape[1]
     assert torch.allclose(short[0], padded[0, :n], atol=1e-4)
     assert (padded[0, n:].argmax(-1) == model.config.pad_token_id).all()
@@ -161,8 +168,11 @@ def test_trainer_sees_every_utterance_once_per_epoch_under_grad_accumulation(tin
     """Through the real CTCTrainer: batches by seconds, grad_accum 3, 2 epochs; eval and predict order."""
     processor, model = tiny
     lengths = _lengths(61, seed=2)[3:] // 4  # short utterances: fast on CPU
-    rows = {"input_features": [np.full((n, 160), i, np.float32) for i, n in enumerate(lengths)],
-            "labels": [[1 + i % 4, 2] for i in range(len(lengths))], "input_length": lengths.tolist()}
+    rows = {
+        "input_features": [np.full((n, 160), i, np.float32) for i, n in enumerate(lengths)],
+        "labels": [[1 + i % 4, 2] for i in range(len(lengths))],
+        "input_length": lengths.tolist(),
+    }
     data = Dataset.from_dict(rows)
     seen: list[int] = []
     collate = CTCCollator(processor, PadPolicy(multiple_of=10), with_stats=True)
@@ -171,12 +181,29 @@ def test_trainer_sees_every_utterance_once_per_epoch_under_grad_accumulation(tin
         seen.extend(int(r["input_features"][0][0]) for r in batch_rows)
         return collate(batch_rows)
 
-    args = TrainingArguments(str(tmp_path), num_train_epochs=2, gradient_accumulation_steps=3, learning_rate=1e-4,
-                             per_device_eval_batch_size=4, report_to="none", save_strategy="no", logging_steps=1000,
-                             use_cpu=True, seed=5)
+    args = TrainingArguments(
+        str(tmp_path),
+        num_train_epochs=2,
+        gradient_accumulation_steps=3,
+        learning_rate=1e-4,
+        per_device_eval_batch_size=4,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1000,
+        use_cpu=True,
+        seed=5,
+    )
     record = _Record()
-    trainer = CTCTrainer(model=model, args=args, data_collator=recording_collator, train_dataset=data, eval_dataset=data,
-                         callbacks=[record], batch_seconds=4.0, pad=PadPolicy(multiple_of=10))
+    trainer = CTCTrainer(
+        model=model,
+        args=args,
+        data_collator=recording_collator,
+        train_dataset=data,
+        eval_dataset=data,
+        callbacks=[record],
+        batch_seconds=4.0,
+        pad=PadPolicy(multiple_of=10),
+    )
     batches_per_epoch = len(trainer.get_train_dataloader())
     assert batches_per_epoch == len(trainer.train_batch_sampler(data)) > 6
     trainer.train()

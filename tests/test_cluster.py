@@ -27,7 +27,12 @@ if (UNAVAILABLE := missing()) is not None:  # one line for the whole file, namin
     pytest.skip(UNAVAILABLE, allow_module_level=True)
 
 # What a user adds on a small cluster: its partition, and what one job may ask of a 2-core node.
-SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2"]
+SLURM = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.partition=debug",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=2",
+]
 
 
 @pytest.fixture(scope="session")
@@ -73,13 +78,29 @@ def test_slurm_grid_as_typed(cluster, tmp_path):
     env = {**cluster, "MLFLOW_EXPERIMENT_NAME": "cluster-grid"}
     sweep_dir = tmp_path / "grid"
     started = time.monotonic()
-    run([sys.executable, "train.py", "-m", *SLURM, "trainer.epochs=1,2", "debug=fast", *SMALL_CORPUS,
-         "hydra.launcher.setup=[\"echo CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES\"]", f"hydra.sweep.dir={sweep_dir}"], env)
+    run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            *SLURM,
+            "trainer.epochs=1,2",
+            "debug=fast",
+            *SMALL_CORPUS,
+            'hydra.launcher.setup=["echo CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"]',
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        env,
+    )
     print(f"2-job SLURM grid: {time.monotonic() - started:.1f} s")
     task_dirs = array_tasks(sweep_dir / ".submitit")
     assert [p.name.split("_")[1] for p in task_dirs] == ["0", "1"]  # one job array, two tasks
-    gpus = [line.split("=")[1] for p in task_dirs for line in next(p.glob("*_log.out")).read_text().splitlines()
-            if line.startswith("CUDA_VISIBLE_DEVICES=")]
+    gpus = [
+        line.split("=")[1]
+        for p in task_dirs
+        for line in next(p.glob("*_log.out")).read_text().splitlines()
+        if line.startswith("CUDA_VISIBLE_DEVICES=")
+    ]
     assert len(gpus) == 2 and set(gpus) <= {"0", "1"}, gpus  # each job got one of the node's GPUs from SLURM
     runs = runs_of(env, "cluster-grid")
     parents = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
@@ -91,8 +112,15 @@ def test_slurm_grid_as_typed(cluster, tmp_path):
 
 def sweep_cmd(study: str, sweep_dir: Path, *extra: str) -> list[str]:
     # debug=fast trials (30 steps) that evaluate and checkpoint every 10 (the cpu_demo study says 100)
-    return ["sweep.workers=2", f"sweep.study_name={study}", f"sweep.dir={sweep_dir}", "debug=fast", "trainer.eval_steps=10",
-            *SMALL_CORPUS, *extra]
+    return [
+        "sweep.workers=2",
+        f"sweep.study_name={study}",
+        f"sweep.dir={sweep_dir}",
+        "debug=fast",
+        "trainer.eval_steps=10",
+        *SMALL_CORPUS,
+        *extra,
+    ]
 
 
 def test_make_sweep_on_slurm_with_postgresql(cluster, tmp_path):
@@ -101,8 +129,19 @@ def test_make_sweep_on_slurm_with_postgresql(cluster, tmp_path):
     import optuna
 
     env = {**cluster, "MLFLOW_EXPERIMENT_NAME": "cluster-sweep"}
-    args = " ".join([*SLURM[1:], *sweep_cmd("cluster_sweep", tmp_path / "sweep", "sweep.n_trials=4", "trainer.max_steps=20",
-                                              "sweep.pruner.n_startup_trials=1", "sweep.pruner.warmup_evals=2")])
+    args = " ".join(
+        [
+            *SLURM[1:],
+            *sweep_cmd(
+                "cluster_sweep",
+                tmp_path / "sweep",
+                "sweep.n_trials=4",
+                "trainer.max_steps=20",
+                "sweep.pruner.n_startup_trials=1",
+                "sweep.pruner.warmup_evals=2",
+            ),
+        ]
+    )
     started = time.monotonic()
     run(["make", "sweep", "LAUNCHER=slurm", f"STORAGE={cluster['OPTUNA_STORAGE']}", f"ARGS={args}"], env)
     print(f"4-trial, 2-worker SLURM sweep: {time.monotonic() - started:.1f} s")
@@ -124,11 +163,28 @@ def test_postgresql_url_forms(cluster, tmp_path):
 
     base = cluster["OPTUNA_STORAGE"].split("://", 1)[1]
     env = {**cluster, "MLFLOW_EXPERIMENT_NAME": "cluster-urls"}
-    run([sys.executable, "sweep.py", f"sweep.storage=postgresql://{base}", "sweep.report_only=true",
-         "sweep.study_name=url_form", f"sweep.dir={tmp_path}", *SMALL_CORPUS], env)
+    run(
+        [
+            sys.executable,
+            "sweep.py",
+            f"sweep.storage=postgresql://{base}",
+            "sweep.report_only=true",
+            "sweep.study_name=url_form",
+            f"sweep.dir={tmp_path}",
+            *SMALL_CORPUS,
+        ],
+        env,
+    )
     for scheme in ("postgresql+psycopg", "postgresql+psycopg2"):
-        storage = open_storage({"storage": f"{scheme}://{base}", "dir": str(tmp_path), "heartbeat_interval": 20,
-                                "grace_period": 120, "max_retry": 2})
+        storage = open_storage(
+            {
+                "storage": f"{scheme}://{base}",
+                "dir": str(tmp_path),
+                "heartbeat_interval": 20,
+                "grace_period": 120,
+                "max_retry": 2,
+            }
+        )
         assert "url_form" in [s.study_name for s in storage.get_all_studies()]
 
 
@@ -144,8 +200,12 @@ def test_cancelled_job_does_not_hang_the_driver(cluster, tmp_path):
         executor = submitit.AutoExecutor(folder=str(tmp_path / "%j"), cluster="slurm")
         executor.update_parameters(slurm_partition="debug", cpus_per_task=1, slurm_mem="100M", timeout_min=5)
         done, doomed = executor.submit(sum, [1, 2]), executor.submit(time.sleep, 120)
-        while "RUNNING" not in subprocess.run(["squeue", "-h", "-j", doomed.job_id, "-o", "%T"], capture_output=True,
-                                              text=True, env=cluster).stdout:
+        while (
+            "RUNNING"
+            not in subprocess.run(
+                ["squeue", "-h", "-j", doomed.job_id, "-o", "%T"], capture_output=True, text=True, env=cluster
+            ).stdout
+        ):
             time.sleep(0.5)
         subprocess.run(["scancel", doomed.job_id], check=True, env=cluster)
         started = time.monotonic()
@@ -164,9 +224,21 @@ def test_scancel_worker_mid_trial_then_rerun(cluster, tmp_path):
 
     env = {**cluster, "MLFLOW_EXPERIMENT_NAME": "cluster-scancel"}
     sweep_dir = tmp_path / "sweep"
-    cmd = [sys.executable, "sweep.py", *SLURM, f"sweep.storage={cluster['OPTUNA_STORAGE']}",
-           *sweep_cmd("cluster_scancel", sweep_dir, "sweep.n_trials=2", "sweep.pruner.name=none", "trainer.max_steps=40",
-                      "sweep.heartbeat_interval=1", "sweep.grace_period=6")]
+    cmd = [
+        sys.executable,
+        "sweep.py",
+        *SLURM,
+        f"sweep.storage={cluster['OPTUNA_STORAGE']}",
+        *sweep_cmd(
+            "cluster_scancel",
+            sweep_dir,
+            "sweep.n_trials=2",
+            "sweep.pruner.name=none",
+            "trainer.max_steps=40",
+            "sweep.heartbeat_interval=1",
+            "sweep.grace_period=6",
+        ),
+    ]
     driver = subprocess.Popen(cmd, cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import compose_cfg
 
 from asr.collator import CTCCollator
 from asr.features import build_processor, build_vocab
 from asr.metrics import argmax_logits, decode_predictions, error_rates
 from asr.model import load_feature_extractor
-from conftest import compose_cfg
 
 
 @pytest.fixture()

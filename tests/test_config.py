@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from conftest import CONF_DIR, compose_cfg
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from transformers import SeamlessM4TFeatureExtractor, Wav2Vec2BertConfig, Wav2Vec2BertModel
@@ -13,10 +14,12 @@ from transformers import SeamlessM4TFeatureExtractor, Wav2Vec2BertConfig, Wav2Ve
 from asr.features import build_processor, build_vocab
 from asr.model import build_model, load_feature_extractor
 from asr.trainer import build_training_args, resolve_precision
-from conftest import CONF_DIR, compose_cfg
 
-REQUIRED = {"dataset=manifest": ["dataset.train=/data/train.jsonl"], "dataset=openslr54": ["dataset.root=/data/openslr54"],
-            "dataset=hf_hub": ["dataset.path=parquet"]}
+REQUIRED = {
+    "dataset=manifest": ["dataset.train=/data/train.jsonl"],
+    "dataset=openslr54": ["dataset.root=/data/openslr54"],
+    "dataset=hf_hub": ["dataset.path=parquet"],
+}
 GROUPS = ["dataset", "model", "regularization", "trainer", "tracking", "experiment", "debug"]
 OPTIONS = [f"{group}={path.stem}" for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
 
@@ -120,7 +123,9 @@ def test_seed_trainer_maps_to_the_seed_training_arguments(tmp_path):
 
 
 def test_extra_passes_any_training_argument_through(tmp_path):
-    args = build_training_args(compose_cfg("+trainer.extra.eval_on_start=true", "trainer.max_steps=7").trainer, tmp_path)
+    args = build_training_args(
+        compose_cfg("+trainer.extra.eval_on_start=true", "trainer.max_steps=7").trainer, tmp_path
+    )
     assert args.eval_on_start and args.max_steps == 7
 
 
@@ -130,4 +135,3 @@ def test_precision_on_cpu():
     assert resolve_precision("fp16") == {"fp16": False, "bf16": False}
     with pytest.raises(ValueError, match="fp8"):
         resolve_precision("fp8")
-

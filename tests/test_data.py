@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import compose_cfg
 
 from asr.data import DataError, load_splits
 from asr.data import espeak as espeak_module
@@ -15,13 +16,16 @@ from asr.data.espeak import EspeakNotFoundError
 from asr.data.synthetic_ne import generate
 from asr.features import build_processor, build_vocab, extract_features
 from asr.model import load_feature_extractor
-from conftest import compose_cfg
 
 TINY_CORPUS = ["dataset.sizes.train=8", "dataset.sizes.dev=3", "dataset.sizes.test=3"]
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "corpus.json"}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "corpus.json"
+    }
 
 
 def test_synthetic_corpus_is_deterministic(tmp_path):
@@ -71,6 +75,7 @@ def test_missing_espeak_names_both_fixes(monkeypatch):
 
 # ---- manifests -------------------------------------------------------------------------------
 
+
 def _write_corpus(root: Path, rows: dict[str, list[tuple[str, str]]]) -> None:
     """rows: split → [(relative audio path, text)]; writes 1-second tones and one manifest per split."""
     rng = np.random.default_rng(0)
@@ -79,7 +84,9 @@ def _write_corpus(root: Path, rows: dict[str, list[tuple[str, str]]]) -> None:
         for index, (audio, text) in enumerate(items):
             (root / audio).parent.mkdir(parents=True, exist_ok=True)
             sf.write(root / audio, rng.standard_normal(8000).astype(np.float32) * 0.1, 8000)  # 8 kHz on purpose
-            lines.append(json.dumps({"audio_filepath": audio, "text": text, "speaker": f"s{index % 20}"}, ensure_ascii=False))
+            lines.append(
+                json.dumps({"audio_filepath": audio, "text": text, "speaker": f"s{index % 20}"}, ensure_ascii=False)
+            )
         (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -89,7 +96,9 @@ def _manifest_cfg(root: Path, *extra: str):
 
 
 def test_manifest_paths_are_relative_to_the_manifest(tmp_path):
-    _write_corpus(tmp_path, {s: [(f"clips/{s}{i}.wav", "नमस्ते साथी") for i in range(3)] for s in ("train", "dev", "test")})
+    _write_corpus(
+        tmp_path, {s: [(f"clips/{s}{i}.wav", "नमस्ते साथी") for i in range(3)] for s in ("train", "dev", "test")}
+    )
     splits = load_splits(_manifest_cfg(tmp_path))
     assert splits["train"][0]["audio_path"] == str(tmp_path / "clips/train0.wav")
     assert splits["train"][0]["id"] == "clips/train0"
@@ -136,7 +145,9 @@ def test_features_are_resampled_and_cached(tmp_path):
     _write_corpus(tmp_path, {s: [(f"{s}/{i}.wav", "क ख ग") for i in range(4)] for s in ("train", "dev", "test")})
     cfg = compose_cfg("dataset=manifest", *[f"dataset.{s}={tmp_path / f'{s}.jsonl'}" for s in ("train", "dev", "test")])
     splits = load_splits(cfg.dataset)
-    processor = build_processor(build_vocab(splits["train"]["text"]), load_feature_extractor(cfg.model), tmp_path / "model")
+    processor = build_processor(
+        build_vocab(splits["train"]["text"]), load_feature_extractor(cfg.model), tmp_path / "model"
+    )
     features = extract_features(splits, processor, cfg.dataset, tmp_path / "cache")
     row = features["train"][0]
     assert row["duration"] == pytest.approx(1.0)  # 8000 samples at 8 kHz, resampled to 16 kHz

@@ -10,20 +10,31 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SMALL_CORPUS
 from mlflow.tracking import MlflowClient
 
 from asr.paths import REPO_DIR
 from asr.tracking import tracking_uri
-from conftest import SMALL_CORPUS
 
 
 def test_torchrun_two_processes_with_layerdrop(tmp_path):
     run_dir = tmp_path / "run"
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    command = [torchrun, "--standalone", "--nproc_per_node=2", str(REPO_DIR / "train.py"), *SMALL_CORPUS, "debug=fast",
-               "trainer.max_steps=null", "trainer.epochs=2", "trainer.batch_seconds=12", "trainer.pad_to_multiple_of=25",
-               "regularization.layerdrop=0.5",  # half the encoder layers skipped per step, differently on each rank
-               "tracking.experiment=test-ddp", f"hydra.run.dir={run_dir}"]
+    command = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO_DIR / "train.py"),
+        *SMALL_CORPUS,
+        "debug=fast",
+        "trainer.max_steps=null",
+        "trainer.epochs=2",
+        "trainer.batch_seconds=12",
+        "trainer.pad_to_multiple_of=25",
+        "regularization.layerdrop=0.5",  # half the encoder layers skipped per step, differently on each rank
+        "tracking.experiment=test-ddp",
+        f"hydra.run.dir={run_dir}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, "\n".join(line for line in done.stderr.splitlines() if "it/s]" not in line)[-6000:]

@@ -24,7 +24,9 @@ def run(*args: str, cwd=REPO_DIR, env_extra: dict[str, str] | None = None) -> su
 def one_error_line(result: subprocess.CompletedProcess) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr, result.stderr
+    assert len(errors) == 1 and "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr, (
+        result.stderr
+    )
     assert not [line for line in lines if "Error executing job" in line], result.stderr
     return errors[0]
 
@@ -32,17 +34,23 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 OUT = "hydra.run.dir={out}"
 
 
-@pytest.mark.parametrize(("args", "status", "says"), [
-    ([str(REPO_DIR / "train.py"), "trainer.epoch=3", OUT], 2, "Could not override 'trainer.epoch'"),
-    ([str(REPO_DIR / "train.py"), "dataset=nosuch", OUT], 2, "Could not find 'dataset/nosuch'"),
-    ([str(REPO_DIR / "sweep.py"), "trainer.lr=1e-3", "sweep.dir={out}"], 1, "trainer.lr is searched by the study"),
-    (["-m", "asr.evaluate", OUT], 1, "nothing to evaluate. Fix: run_dir="),
-    (["-m", "asr.evaluate", "run_dir=/nonexistent/run", OUT], 1, "/nonexistent/run is not a finished training run"),
-    (["-m", "asr.evaluate", "compare=[a]", OUT], 1, "compare takes two folders"),
-    (["-m", "asr.transcribe", "/nonexistent/model", "x.flac"], 1, "/nonexistent/model is not a saved model"),
-    (["-m", "asr.audit", "dataset=manifest", "dataset.train=/nonexistent/train.jsonl", OUT], 1,
-     "/nonexistent/train.jsonl does not exist"),
-])
+@pytest.mark.parametrize(
+    ("args", "status", "says"),
+    [
+        ([str(REPO_DIR / "train.py"), "trainer.epoch=3", OUT], 2, "Could not override 'trainer.epoch'"),
+        ([str(REPO_DIR / "train.py"), "dataset=nosuch", OUT], 2, "Could not find 'dataset/nosuch'"),
+        ([str(REPO_DIR / "sweep.py"), "trainer.lr=1e-3", "sweep.dir={out}"], 1, "trainer.lr is searched by the study"),
+        (["-m", "asr.evaluate", OUT], 1, "nothing to evaluate. Fix: run_dir="),
+        (["-m", "asr.evaluate", "run_dir=/nonexistent/run", OUT], 1, "/nonexistent/run is not a finished training run"),
+        (["-m", "asr.evaluate", "compare=[a]", OUT], 1, "compare takes two folders"),
+        (["-m", "asr.transcribe", "/nonexistent/model", "x.flac"], 1, "/nonexistent/model is not a saved model"),
+        (
+            ["-m", "asr.audit", "dataset=manifest", "dataset.train=/nonexistent/train.jsonl", OUT],
+            1,
+            "/nonexistent/train.jsonl does not exist",
+        ),
+    ],
+)
 def test_user_mistakes_end_in_one_line(args, status, says, tmp_path):
     result = run(*(a.format(out=tmp_path) for a in args), cwd=tmp_path)
     assert result.returncode == status, result.stderr[-2000:]
@@ -55,8 +63,14 @@ def test_compare_on_an_empty_store_says_how_to_make_a_sweep(tmp_path):
 
 
 def test_a_failed_run_carries_the_same_message_in_mlflow(tmp_path):
-    result = run(str(REPO_DIR / "train.py"), "dataset=openslr54", f"dataset.root={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'run'}",
-                 "tracking.experiment=errors-as-typed", cwd=tmp_path)
+    result = run(
+        str(REPO_DIR / "train.py"),
+        "dataset=openslr54",
+        f"dataset.root={tmp_path / 'nowhere'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "tracking.experiment=errors-as-typed",
+        cwd=tmp_path,
+    )
     line = one_error_line(result)
     assert result.returncode == 1 and "does not exist" in line and "openslr.org/54" in line
     client = MlflowClient(tracking_uri())
@@ -66,7 +80,9 @@ def test_a_failed_run_carries_the_same_message_in_mlflow(tmp_path):
 
 def test_hydra_full_error_shows_the_traceback(tmp_path):
     result = run("-m", "asr.evaluate", f"hydra.run.dir={tmp_path}", cwd=tmp_path, env_extra={"HYDRA_FULL_ERROR": "1"})
-    assert result.returncode == 1 and "Traceback" in result.stderr and "ConfigError: nothing to evaluate" in result.stderr
+    assert (
+        result.returncode == 1 and "Traceback" in result.stderr and "ConfigError: nothing to evaluate" in result.stderr
+    )
 
 
 def test_thread_policy_sleeps_unless_the_user_chose():

@@ -10,23 +10,23 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
+from conftest import SESSION_DIR, compose_cfg
 from mlflow.tracking import MlflowClient
 from transformers import Wav2Vec2BertForCTC
 
 from asr import transcribe
+from asr.bootstrap import bootstrap_rates, confidence_interval, paired_difference, utterance_counts, verdict
 from asr.data import load_splits
 from asr.evaluate import compare, evaluate
 from asr.metrics import error_rates
-from asr.bootstrap import bootstrap_rates, confidence_interval, paired_difference, utterance_counts, verdict
-from conftest import SESSION_DIR, compose_cfg
 
 
 def _eval_cfg(*overrides: str):
-    return compose_cfg(*overrides, f"paths.cache_dir={SESSION_DIR / 'cache'}",
-                       config_name="evaluate")
+    return compose_cfg(*overrides, f"paths.cache_dir={SESSION_DIR / 'cache'}", config_name="evaluate")
 
 
 # ---- scoring ---------------------------------------------------------------------------------
+
 
 def test_utterance_counts_hand_computed():
     counts = utterance_counts(["क ख ग घ", "च छ"], ["क ग घ ङ", "च छ"])
@@ -72,6 +72,7 @@ def test_paired_difference_verdicts():
 
 
 # ---- evaluate and compare on a trained model ---------------------------------------------------
+
 
 def test_evaluate_reproduces_the_runs_test_wer(learned, tmp_path):
     cfg, run_dir, metrics = learned
@@ -123,6 +124,7 @@ def test_nothing_to_evaluate_names_the_fix(tmp_path):
 
 # ---- transcribe ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def audio_files(learned, tmp_path_factory):
     cfg, run_dir, metrics = learned
@@ -153,7 +155,9 @@ def _transcribe(capsys, *args):
 def test_transcribe_long_file_in_chunks_covers_every_part(audio_files, capsys):
     folder, model_dir, texts, pieces = audio_files
     assert sum(map(len, pieces)) / 16000 >= 45
-    code, lines, _ = _transcribe(capsys, model_dir, folder / "long.flac", "--chunk-seconds", "10", "--stride-seconds", "2")
+    code, lines, _ = _transcribe(
+        capsys, model_dir, folder / "long.flac", "--chunk-seconds", "10", "--stride-seconds", "2"
+    )
     assert code == 0
     long_text = lines[str(folder / "long.flac")]
     for i, piece in enumerate(pieces):
@@ -169,7 +173,9 @@ def test_transcribe_long_file_in_chunks_covers_every_part(audio_files, capsys):
 
 def test_transcribe_stereo_44k_and_a_corrupt_file(audio_files, capsys):
     folder, model_dir, texts, pieces = audio_files
-    code, lines, err = _transcribe(capsys, model_dir, folder / "mono.flac", folder / "corrupt.flac", folder / "stereo.wav")
+    code, lines, err = _transcribe(
+        capsys, model_dir, folder / "mono.flac", folder / "corrupt.flac", folder / "stereo.wav"
+    )
     assert code == 1
     assert "corrupt.flac" in err and "1 of 3 files could not be read" in err
     assert set(lines) == {str(folder / "mono.flac"), str(folder / "stereo.wav")}
@@ -180,4 +186,6 @@ def test_transcribe_json_lines(audio_files, capsys):
     folder, model_dir, texts, pieces = audio_files
     assert transcribe.main([str(model_dir), str(folder / "mono.flac"), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
-    assert record["path"] == str(folder / "mono.flac") and record["seconds"] == pytest.approx(sum(map(len, pieces[:3])) / 16000, abs=1e-3)
+    assert record["path"] == str(folder / "mono.flac") and record["seconds"] == pytest.approx(
+        sum(map(len, pieces[:3])) / 16000, abs=1e-3
+    )

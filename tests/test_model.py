@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose_cfg
 from omegaconf import OmegaConf
 from transformers import Wav2Vec2BertConfig, Wav2Vec2BertForCTC
 
 from asr.model import disable_adapter_layerdrop
-from conftest import compose_cfg
 
 
 def _tiny(layerdrop: float) -> Wav2Vec2BertForCTC:
     shape = OmegaConf.to_container(compose_cfg().model.config)
     torch.manual_seed(0)
-    return Wav2Vec2BertForCTC(Wav2Vec2BertConfig(**shape, add_adapter=True, layerdrop=layerdrop, vocab_size=12, pad_token_id=11))
+    return Wav2Vec2BertForCTC(
+        Wav2Vec2BertConfig(**shape, add_adapter=True, layerdrop=layerdrop, vocab_size=12, pad_token_id=11)
+    )
 
 
 def _logit_lengths_match(model: Wav2Vec2BertForCTC, steps: int) -> list[bool]:
@@ -25,7 +27,10 @@ def _logit_lengths_match(model: Wav2Vec2BertForCTC, steps: int) -> list[bool]:
     expected = int(model._get_feat_extract_output_lengths(attention_mask.sum(-1)).max())
     model.train()
     with torch.no_grad():
-        return [model(input_features=features, attention_mask=attention_mask).logits.shape[1] == expected for _ in range(steps)]
+        return [
+            model(input_features=features, attention_mask=attention_mask).logits.shape[1] == expected
+            for _ in range(steps)
+        ]
 
 
 def test_fixed_model_never_drops_the_adapter_in_training():

@@ -7,7 +7,6 @@ subprocesses, including submitit's local launcher (jobs in separate processes).
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import socket
@@ -17,13 +16,13 @@ import time
 import urllib.request
 
 import pytest
+from conftest import SESSION_DIR, SMALL_CORPUS, compose_cfg
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from asr import sweep_summary
 from asr.paths import REPO_DIR
 from asr.tracking import MlflowRun, TrackingUnavailableError
-from conftest import SESSION_DIR, SMALL_CORPUS, compose_cfg
 
 FAST_GRID = ["debug=fast", "trainer.max_steps=null", *SMALL_CORPUS]
 
@@ -40,9 +39,25 @@ def mlflow_server():
     port = _free_port()
     folder = SESSION_DIR / "server"
     folder.mkdir()
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-               "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    server = subprocess.Popen(command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    server = subprocess.Popen(
+        command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -62,7 +77,9 @@ def mlflow_server():
 
 def _train(*args: str, uri: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **({"MLFLOW_TRACKING_URI": uri} if uri else {})}
-    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 def _sweep(client: MlflowClient, experiment: str):
@@ -75,13 +92,17 @@ def _sweep(client: MlflowClient, experiment: str):
 
 
 def _summary(client: MlflowClient, parent) -> list[dict]:
-    path = client.download_artifacts(parent.info.run_id, "summary.csv", str(SESSION_DIR / "downloads" / parent.info.run_id))
-    return list(csv.DictReader(io.open(path)))
+    path = client.download_artifacts(
+        parent.info.run_id, "summary.csv", str(SESSION_DIR / "downloads" / parent.info.run_id)
+    )
+    return list(csv.DictReader(open(path)))
 
 
 def test_epoch_grid_on_the_sqlite_store(tmp_path):
     """Basic launcher, default-style SQLite store; `trainer.epochs` means what it says."""
-    result = _train("-m", "trainer.epochs=1,2", *FAST_GRID, "tracking.experiment=grid-sqlite", f"hydra.sweep.dir={tmp_path}")
+    result = _train(
+        "-m", "trainer.epochs=1,2", *FAST_GRID, "tracking.experiment=grid-sqlite", f"hydra.sweep.dir={tmp_path}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     steps = {}
@@ -96,15 +117,25 @@ def test_epoch_grid_on_the_sqlite_store(tmp_path):
     assert parent.info.status == "FINISHED"
     assert [c.data.params["trainer.epochs"] for c in children] == ["1", "2"]
     assert [c.info.run_name.split()[0] for c in children] == ["trainer.epochs=1", "trainer.epochs=2"]
-    assert [len(client.get_metric_history(c.info.run_id, "eval_wer")) for c in children] == [1, 2]  # eval at steps 8 | 10, 16
+    assert [len(client.get_metric_history(c.info.run_id, "eval_wer")) for c in children] == [
+        1,
+        2,
+    ]  # eval at steps 8 | 10, 16
     assert {"summary.csv", "wer_vs_trainer.epochs.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert (tmp_path / "summary.csv").is_file()
 
 
 @pytest.mark.slow  # the SLURM grid on a real MLflow server (tests/test_cluster.py) runs in the default suite
 def test_parallel_grid_on_a_tracking_server(mlflow_server, tmp_path, capsys):
-    result = _train("-m", "hydra/launcher=local_parallel", "trainer.epochs=1,2", *FAST_GRID,
-                    "tracking.experiment=grid-server", f"hydra.sweep.dir={tmp_path}", uri=mlflow_server)
+    result = _train(
+        "-m",
+        "hydra/launcher=local_parallel",
+        "trainer.epochs=1,2",
+        *FAST_GRID,
+        "tracking.experiment=grid-server",
+        f"hydra.sweep.dir={tmp_path}",
+        uri=mlflow_server,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     client = MlflowClient(mlflow_server)
@@ -133,7 +164,13 @@ def test_parallel_grid_on_a_tracking_server(mlflow_server, tmp_path, capsys):
 
 def test_failed_job_does_not_stop_the_grid(tmp_path):
     """Basic launcher, SQLite store: job 0 fails, job 1 still runs, the exit code and log name job 0."""
-    result = _train("-m", "trainer.precision=fp8,fp32", *FAST_GRID, "tracking.experiment=grid-failure", f"hydra.sweep.dir={tmp_path}")
+    result = _train(
+        "-m",
+        "trainer.precision=fp8,fp32",
+        *FAST_GRID,
+        "tracking.experiment=grid-failure",
+        f"hydra.sweep.dir={tmp_path}",
+    )
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "1 of 2 jobs did not finish" in output and "job 0 (trainer.precision=fp8" in output
@@ -150,7 +187,9 @@ def test_failed_job_does_not_stop_the_grid(tmp_path):
 
 
 def test_grid_over_a_missing_key_fails_before_any_job(tmp_path):
-    result = _train("-m", "trainer.epochz=1,2", *FAST_GRID, "tracking.experiment=grid-typo", f"hydra.sweep.dir={tmp_path}")
+    result = _train(
+        "-m", "trainer.epochz=1,2", *FAST_GRID, "tracking.experiment=grid-typo", f"hydra.sweep.dir={tmp_path}"
+    )
     assert result.returncode != 0 and "epochz" in result.stderr
     assert not (tmp_path / "0").exists()
     assert MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_experiment_by_name("grid-typo") is None

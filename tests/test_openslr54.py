@@ -12,14 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SESSION_DIR, compose_cfg
 
 from asr.data import DataError, load_splits
 from asr.data.audio import load_audio
 from asr.features import build_processor, build_vocab, extract_features, normalize_splits
 from asr.model import load_feature_extractor
-from conftest import SESSION_DIR, compose_cfg
 
-TINY = ["dataset.sizes.train=30", "dataset.sizes.dev=5", "dataset.sizes.test=5", f"dataset.cache_dir={SESSION_DIR / 'corpus'}"]
+TINY = [
+    "dataset.sizes.train=30",
+    "dataset.sizes.dev=5",
+    "dataset.sizes.test=5",
+    f"dataset.cache_dir={SESSION_DIR / 'corpus'}",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +52,14 @@ def openslr_layout(tmp_path_factory):
 
 
 def _cfg(root: Path, *extra: str):
-    return compose_cfg("dataset=openslr54", f"dataset.root={root}", "dataset.dev_fraction=0.25", "dataset.test_fraction=0.25",
-                       f"paths.cache_dir={SESSION_DIR / 'cache'}", *extra)
+    return compose_cfg(
+        "dataset=openslr54",
+        f"dataset.root={root}",
+        "dataset.dev_fraction=0.25",
+        "dataset.test_fraction=0.25",
+        f"paths.cache_dir={SESSION_DIR / 'cache'}",
+        *extra,
+    )
 
 
 def test_extracted_and_zipped_layouts_give_the_same_rows(openslr_layout):
@@ -67,7 +78,11 @@ def test_split_is_speaker_disjoint_and_deterministic(openslr_layout):
     first, again = load_splits(_cfg(extracted).dataset), load_splits(_cfg(extracted).dataset)
     speakers = {split: set(first[split]["speaker"]) for split in first}
     assert speakers["dev"] and speakers["test"]
-    assert not speakers["train"] & speakers["dev"] and not speakers["train"] & speakers["test"] and not speakers["dev"] & speakers["test"]
+    assert (
+        not speakers["train"] & speakers["dev"]
+        and not speakers["train"] & speakers["test"]
+        and not speakers["dev"] & speakers["test"]
+    )
     assert all(first[split]["id"] == again[split]["id"] for split in first)
     other = load_splits(_cfg(extracted, "dataset.split_seed=5").dataset)
     assert set(other["test"]["speaker"]) != speakers["test"]
@@ -78,7 +93,9 @@ def test_features_read_from_zip_members_in_parallel(openslr_layout):
     cfg = _cfg(zipped)
     splits = normalize_splits(load_splits(cfg.dataset), cfg.dataset.text)
     assert not any("।" in text for text in splits["train"]["text"])
-    processor = build_processor(build_vocab(splits["train"]["text"]), load_feature_extractor(cfg.model), SESSION_DIR / "openslr-model")
+    processor = build_processor(
+        build_vocab(splits["train"]["text"]), load_feature_extractor(cfg.model), SESSION_DIR / "openslr-model"
+    )
     features = extract_features(splits, processor, cfg.dataset, Path(cfg.paths.cache_dir) / "features")  # num_proc=2
     assert all(length > 40 for split in features.values() for length in split["input_length"])
 
@@ -105,10 +122,23 @@ def test_allowed_missing_audio_is_listed_in_the_audit_report(openslr_layout, tmp
     for flac in removed:
         flac.unlink()
     out = tmp_path / "audit"
-    result = subprocess.run([sys.executable, "-m", "asr.audit", "dataset=openslr54", f"dataset.root={partial}",
-                             "dataset.allow_missing_audio=true", "dataset.dev_fraction=0.25", "dataset.test_fraction=0.25",
-                             f"hydra.run.dir={out}"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "asr.audit",
+            "dataset=openslr54",
+            f"dataset.root={partial}",
+            "dataset.allow_missing_audio=true",
+            "dataset.dev_fraction=0.25",
+            "dataset.test_fraction=0.25",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "data_audit.json").read_text(encoding="utf-8"))
     missing = {f["id"] for f in report["files"] if f["reason"] == "missing_file"}
@@ -123,4 +153,8 @@ def test_a_published_split_overrides_the_hashed_one(openslr_layout, tmp_path):
     split_file = tmp_path / "split.json"
     split_file.write_text(json.dumps({"dev": ids[:3], "test": ids[3:7]}))
     splits = load_splits(_cfg(extracted, f"dataset.split_ids={split_file}").dataset)
-    assert sorted(splits["dev"]["id"]) == ids[:3] and sorted(splits["test"]["id"]) == ids[3:7] and len(splits["train"]) == len(ids) - 7
+    assert (
+        sorted(splits["dev"]["id"]) == ids[:3]
+        and sorted(splits["test"]["id"]) == ids[3:7]
+        and len(splits["train"]) == len(ids) - 7
+    )

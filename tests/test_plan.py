@@ -31,8 +31,16 @@ def test_seed_grid_on_openslr54_plans_near_140_gpu_hours(tmp_path):
     """The seed's 8/20/40 grid on OpenSLR 54 (data absent here): three jobs, ~140 H200 GPU-hours at the
     seed's settings from our measurement and the config's approximate hours, and what gpu_fast takes."""
     sweep_dir = tmp_path / "multirun"
-    out = plan("train.py", "-m", "hydra/launcher=slurm", "experiment=seed_8_20_40", "dataset=openslr54", "plan=true",
-               f"hydra.sweep.dir={sweep_dir}", tmp_path=tmp_path).stdout
+    out = plan(
+        "train.py",
+        "-m",
+        "hydra/launcher=slurm",
+        "experiment=seed_8_20_40",
+        "dataset=openslr54",
+        "plan=true",
+        f"hydra.sweep.dir={sweep_dir}",
+        tmp_path=tmp_path,
+    ).stdout
     rows = [line.split() for line in out.splitlines() if re.match(r"^\d+\s+trainer\.epochs=", line)]
     assert [r[1] for r in rows] == ["trainer.epochs=8", "trainer.epochs=20", "trainer.epochs=40"]
     assert all(r[3] == "148.5" for r in rows)  # 90% of ~165 h: the train split
@@ -67,7 +75,13 @@ def test_sweep_plan_is_an_upper_bound(no_tracking, capsys, tmp_path):
     from asr.plan import print_study_plan
     from asr.sweep.spec import spec_from_config
 
-    overrides = ["sweep=lr_epochs", "experiment=seed", "dataset=openslr54", "sweep.plan=true", f"sweep.dir={tmp_path / 'study'}"]
+    overrides = [
+        "sweep=lr_epochs",
+        "experiment=seed",
+        "dataset=openslr54",
+        "sweep.plan=true",
+        f"sweep.dir={tmp_path / 'study'}",
+    ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="study", overrides=overrides)
         assert cfg.sweep.plan is True

@@ -39,11 +39,11 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 import soxr
+from conftest import compose_cfg
 from mlflow.tracking import MlflowClient
 
 from asr.data import load_splits
 from asr.paths import REPO_DIR
-from conftest import compose_cfg
 
 README = REPO_DIR / "README.md"
 FAST = "debug=fast"
@@ -60,7 +60,9 @@ COMMANDS = {
     ".venv/bin/python train.py trainer.epochs=3 trainer.lr=1e-3": "test_train_with_overrides",
     ".venv/bin/python train.py debug=fast": "test_train_debug_fast",
     ".venv/bin/python train.py --help": "test_train_help",
-    'make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"': "test_make_setup_with_a_cuda_torch",
+    'make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"': (
+        "test_make_setup_with_a_cuda_torch"
+    ),
     ".venv/bin/python train.py dataset=manifest dataset.train=/data/ne/train.jsonl dataset.dev=/data/ne/dev.jsonl "
     "dataset.test=/data/ne/test.jsonl": "test_train_on_a_manifest",
     ".venv/bin/python train.py dataset=openslr54 dataset.root=/data/openslr54": "test_train_on_openslr54",
@@ -68,8 +70,8 @@ COMMANDS = {
     ".venv/bin/python train.py dataset=hf_hub dataset.path=parquet dataset.splits.dev=null "
     "'dataset.data_files={train: /data/train.parquet, test: /data/test.parquet}'": "test_train_on_parquet",
     ".venv/bin/python train.py experiment=seed dataset=openslr54 dataset.root=/data/openslr54": "test_gpu_recipes_plan",
-    ".venv/bin/python train.py model=w2v_bert_2 trainer=gpu_fast dataset=openslr54 dataset.root=/data/openslr54":
-        "test_gpu_recipes_plan",
+    ".venv/bin/python train.py model=w2v_bert_2 trainer=gpu_fast dataset=openslr54 "
+    "dataset.root=/data/openslr54": "test_gpu_recipes_plan",
     ".venv/bin/python train.py -m trainer.epochs=8,20,40": "test_epoch_grid",
     "make compare": "test_make_compare",
     ".venv/bin/python sweep.py sweep=grid_epochs_lr sweep.workers=2": "test_grid_study_with_two_workers",
@@ -77,7 +79,8 @@ COMMANDS = {
     ".venv/bin/python train.py experiment=best_cpu_demo_synthetic_ne_tiny": "test_rerun_the_best_trial",
     ".venv/bin/python train.py -m hydra/sweeper=optuna 'trainer.lr=tag(log,interval(1e-4,3e-2))' trainer.epochs=2,4 "
     "hydra.sweeper.n_trials=12 hydra.sweeper.workers=2": "test_optuna_sweeper_door",
-    ".venv/bin/python train.py -m hydra/launcher=slurm hydra.launcher.partition=gpu experiment=seed_8_20_40 dataset=openslr54 "
+    ".venv/bin/python train.py -m hydra/launcher=slurm hydra.launcher.partition=gpu "
+    "experiment=seed_8_20_40 dataset=openslr54 "
     "dataset.root=/shared/openslr54": "test_cluster_commands_plan",
     ".venv/bin/python sweep.py sweep=lr_epochs experiment=seed dataset=openslr54 dataset.root=/shared/openslr54 "
     "hydra/launcher=slurm hydra.launcher.partition=gpu sweep.workers=16 "
@@ -118,6 +121,7 @@ def test_every_readme_command_has_a_test_and_every_test_a_command():
 
 # ---- the user's machine: a copy of the repository, their data ---------------------------------
 
+
 class Checkout:
     """A copy of the repository in which commands run as a user runs them."""
 
@@ -127,7 +131,9 @@ class Checkout:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
         self.env["PYTHONUNBUFFERED"] = "1"
 
-    def run(self, command: str, *size: str, timeout: int = 600, check: bool = True, **placeholders: str) -> subprocess.CompletedProcess:
+    def run(
+        self, command: str, *size: str, timeout: int = 600, check: bool = True, **placeholders: str
+    ) -> subprocess.CompletedProcess:
         """The README command with its placeholders filled in and `size` overrides appended."""
         for placeholder, value in {**self.substitutions, **placeholders}.items():
             command = command.replace(placeholder, value)
@@ -135,8 +141,9 @@ class Checkout:
             command += f" ARGS={shlex.quote(' '.join(size))}"
         elif size:
             command += " " + " ".join(shlex.quote(s) for s in size)
-        result = subprocess.run(["bash", "-c", command], cwd=self.root, env=self.env, capture_output=True, text=True,
-                                timeout=timeout)
+        result = subprocess.run(
+            ["bash", "-c", command], cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         if check:
             assert result.returncode == 0, f"{command}\n--- stderr ---\n{result.stderr[-5000:]}"
         return result
@@ -158,7 +165,9 @@ class Checkout:
 
 def _venv_is_current() -> bool:
     stamp = REPO_DIR / ".venv" / ".installed"
-    cksum = subprocess.run("cksum < pyproject.toml", shell=True, cwd=REPO_DIR, capture_output=True, text=True).stdout.strip()
+    cksum = subprocess.run(
+        "cksum < pyproject.toml", shell=True, cwd=REPO_DIR, capture_output=True, text=True
+    ).stdout.strip()
     return stamp.is_file() and stamp.read_text().strip().endswith(cksum)
 
 
@@ -167,8 +176,13 @@ def checkout(tmp_path_factory) -> Checkout:
     if not _venv_is_current():
         pytest.skip("run `make setup` first: the README's commands use .venv as `make setup` leaves it")
     root = tmp_path_factory.mktemp("readme") / "asr-sweeps"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO_DIR, capture_output=True,
-                           check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO_DIR, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, files):
         source = REPO_DIR / name
         if source.is_file():
@@ -189,8 +203,18 @@ def _user_data(folder: Path) -> dict[str, str]:
     for split, split_rows in rows.items():
         with (ne / f"{split}.jsonl").open("w", encoding="utf-8") as out:
             for r in split_rows[:200]:
-                out.write(json.dumps({"audio_filepath": r["audio_path"], "text": r["text"], "duration": 0.0,
-                                      "speaker": r["speaker"]}, ensure_ascii=False) + "\n")
+                out.write(
+                    json.dumps(
+                        {
+                            "audio_filepath": r["audio_path"],
+                            "text": r["text"],
+                            "duration": 0.0,
+                            "speaker": r["speaker"],
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
     openslr = folder / "openslr54"
     lines = []
     for index, r in enumerate(rows["train"][:400]):
@@ -200,16 +224,35 @@ def _user_data(folder: Path) -> dict[str, str]:
         shutil.copy(r["audio_path"], target)
         lines.append(f"{utt_id}\tspk{index % 100:03d}\t{r['text']}।")
     (openslr / "utt_spk_text.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    schema = pa.schema([("audio", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("transcription", pa.string())],
-                       metadata={"huggingface": json.dumps({"info": {"features": {
-                           "audio": {"_type": "Audio"}, "transcription": {"dtype": "string", "_type": "Value"}}}})})
+    schema = pa.schema(
+        [("audio", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("transcription", pa.string())],
+        metadata={
+            "huggingface": json.dumps(
+                {
+                    "info": {
+                        "features": {
+                            "audio": {"_type": "Audio"},
+                            "transcription": {"dtype": "string", "_type": "Value"},
+                        }
+                    }
+                }
+            )
+        },
+    )
     for split, count in (("train", 200), ("test", 40)):
         chosen = rows[split][:count]
-        table = {"audio": [{"bytes": Path(r["audio_path"]).read_bytes(), "path": f"{r['id']}.flac"} for r in chosen],
-                 "transcription": [r["text"] for r in chosen]}
+        table = {
+            "audio": [{"bytes": Path(r["audio_path"]).read_bytes(), "path": f"{r['id']}.flac"} for r in chosen],
+            "transcription": [r["text"] for r in chosen],
+        }
         pq.write_table(pa.Table.from_pydict(table, schema=schema), folder / f"{split}.parquet")
-    return {"/data/ne": str(ne), "/data/openslr54": str(openslr), "/data/train.parquet": str(folder / "train.parquet"),
-            "/data/test.parquet": str(folder / "test.parquet"), "/shared/openslr54": str(openslr)}
+    return {
+        "/data/ne": str(ne),
+        "/data/openslr54": str(openslr),
+        "/data/train.parquet": str(folder / "train.parquet"),
+        "/data/test.parquet": str(folder / "test.parquet"),
+        "/shared/openslr54": str(openslr),
+    }
 
 
 def _metrics(checkout: Checkout, run: Path) -> dict:
@@ -217,6 +260,7 @@ def _metrics(checkout: Checkout, run: Path) -> dict:
 
 
 # ---- quick start ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def run_a(checkout) -> Path:
@@ -237,13 +281,15 @@ def test_make_train(checkout, run_a):
     run = checkout.client().get_run(run_id)  # filed in the checkout's own ./mlflow.db, as the README says
     assert run.info.status == "FINISHED" and run.data.metrics["test_wer"] == pytest.approx(metrics["test_wer"])
     experiment = checkout.client().get_experiment(run.info.experiment_id)
-    assert experiment.name == "asr-synthetic_ne" and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert (
+        experiment.name == "asr-synthetic_ne" and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    )
 
 
 def test_make_test(checkout):
     """This suite is what `make test` runs; running it again from here would recurse. Check the target's command."""
     dry = checkout.run("make -n test").stdout
-    assert "-m pytest" in dry and 'not slow' in dry
+    assert "-m pytest" in dry and "not slow" in dry
 
 
 def test_train_debug_fast(checkout, run_b):
@@ -277,8 +323,14 @@ def _free_port() -> int:
 
 def test_make_ui(checkout, run_a):
     port = _free_port()
-    server = subprocess.Popen(["bash", "-c", f"make ui PORT={port}"], cwd=checkout.root, env=checkout.env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    server = subprocess.Popen(
+        ["bash", "-c", f"make ui PORT={port}"],
+        cwd=checkout.root,
+        env=checkout.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline, page = time.monotonic() + 120, None
         while time.monotonic() < deadline and page is None:
@@ -289,8 +341,9 @@ def test_make_ui(checkout, run_a):
             except OSError:
                 time.sleep(1)
         assert page and "MLflow" in page, "make ui did not answer HTTP within 120 s"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search?max_results=50",
-                                    timeout=10) as response:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search?max_results=50", timeout=10
+        ) as response:
             names = [e["name"] for e in json.load(response)["experiments"]]
         assert "asr-synthetic_ne" in names  # it serves the store the runs were filed in
     finally:
@@ -300,9 +353,13 @@ def test_make_ui(checkout, run_a):
 
 # ---- your data -----------------------------------------------------------------------------------
 
+
 def test_train_on_a_manifest(checkout):
-    run = checkout.new_run(".venv/bin/python train.py dataset=manifest dataset.train=/data/ne/train.jsonl "
-                           "dataset.dev=/data/ne/dev.jsonl dataset.test=/data/ne/test.jsonl", FAST)
+    run = checkout.new_run(
+        ".venv/bin/python train.py dataset=manifest dataset.train=/data/ne/train.jsonl "
+        "dataset.dev=/data/ne/dev.jsonl dataset.test=/data/ne/test.jsonl",
+        FAST,
+    )
     assert _metrics(checkout, run)["train_steps"] == 30
 
 
@@ -318,28 +375,36 @@ def test_audit_openslr54(checkout):
 
 
 def test_train_on_parquet(checkout):
-    run = checkout.new_run(".venv/bin/python train.py dataset=hf_hub dataset.path=parquet dataset.splits.dev=null "
-                           "'dataset.data_files={train: /data/train.parquet, test: /data/test.parquet}'", FAST)
+    run = checkout.new_run(
+        ".venv/bin/python train.py dataset=hf_hub dataset.path=parquet dataset.splits.dev=null "
+        "'dataset.data_files={train: /data/train.parquet, test: /data/test.parquet}'",
+        FAST,
+    )
     assert _metrics(checkout, run)["train_steps"] == 30
 
 
 def test_gpu_recipes_plan(checkout):
     """Planned, not run (`plan=true` appended: the config composed and checked, the data found, the GPU-hours
     printed, nothing trained): they need a GPU and the w2v-bert-2.0 checkpoint from the Hub."""
-    for command in (".venv/bin/python train.py experiment=seed dataset=openslr54 dataset.root=/data/openslr54",
-                    ".venv/bin/python train.py model=w2v_bert_2 trainer=gpu_fast dataset=openslr54 dataset.root=/data/openslr54"):
+    for command in (
+        ".venv/bin/python train.py experiment=seed dataset=openslr54 dataset.root=/data/openslr54",
+        ".venv/bin/python train.py model=w2v_bert_2 trainer=gpu_fast dataset=openslr54 dataset.root=/data/openslr54",
+    ):
         out = checkout.run(command, "plan=true").stdout
         assert "H200 GPU-hours" in out and "data: present" in out and "nothing submitted" in out
 
 
 # ---- grids and sweeps ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def epoch_grid(checkout) -> str:
     checkout.run(".venv/bin/python train.py -m trainer.epochs=8,20,40", FAST)
     client = checkout.client()
     experiment = client.get_experiment_by_name("asr-synthetic_ne")
-    parent = client.search_runs([experiment.experiment_id], "tags.sweep_role = 'parent'", order_by=["attributes.start_time DESC"])[0]
+    parent = client.search_runs(
+        [experiment.experiment_id], "tags.sweep_role = 'parent'", order_by=["attributes.start_time DESC"]
+    )[0]
     return parent.info.run_id
 
 
@@ -370,7 +435,9 @@ def cpu_demo_study(checkout) -> Path:
 def test_make_sweep(checkout, cpu_demo_study):
     import optuna
 
-    study = optuna.load_study(study_name="cpu_demo-synthetic_ne-tiny", storage=f"sqlite:///{cpu_demo_study / 'optuna.db'}")
+    study = optuna.load_study(
+        study_name="cpu_demo-synthetic_ne-tiny", storage=f"sqlite:///{cpu_demo_study / 'optuna.db'}"
+    )
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) == 2 and all(t.state.name in ("COMPLETE", "PRUNED") for t in finished)
     config = (cpu_demo_study / "trial_0000" / ".hydra" / "config.yaml").read_text()
@@ -381,7 +448,11 @@ def test_make_sweep(checkout, cpu_demo_study):
 def test_sweep_report_only(checkout, cpu_demo_study):
     (cpu_demo_study / "leaderboard.csv").unlink()
     out = checkout.run(".venv/bin/python sweep.py sweep.report_only=true").stdout
-    assert (cpu_demo_study / "leaderboard.csv").is_file() and (cpu_demo_study / "best.yaml").is_file() and "Best: trial" in out
+    assert (
+        (cpu_demo_study / "leaderboard.csv").is_file()
+        and (cpu_demo_study / "best.yaml").is_file()
+        and "Best: trial" in out
+    )
 
 
 def test_rerun_the_best_trial(checkout, cpu_demo_study):
@@ -402,12 +473,19 @@ def test_grid_study_with_two_workers(checkout):
 
 
 def test_optuna_sweeper_door(checkout):
-    checkout.run(".venv/bin/python train.py -m hydra/sweeper=optuna 'trainer.lr=tag(log,interval(1e-4,3e-2))' "
-                 "trainer.epochs=2,4 hydra.sweeper.n_trials=12 hydra.sweeper.workers=2", FAST, "hydra.sweeper.n_trials=2")
+    checkout.run(
+        ".venv/bin/python train.py -m hydra/sweeper=optuna 'trainer.lr=tag(log,interval(1e-4,3e-2))' "
+        "trainer.epochs=2,4 hydra.sweeper.n_trials=12 hydra.sweeper.workers=2",
+        FAST,
+        "hydra.sweeper.n_trials=2",
+    )
     client = checkout.client()
     experiment = client.get_experiment_by_name("asr-synthetic_ne")
-    parents = client.search_runs([experiment.experiment_id], "tags.sweep_role = 'parent' AND tags.launcher = 'optuna'",
-                                 order_by=["attributes.start_time DESC"])
+    parents = client.search_runs(
+        [experiment.experiment_id],
+        "tags.sweep_role = 'parent' AND tags.launcher = 'optuna'",
+        order_by=["attributes.start_time DESC"],
+    )
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     assert len(children) == 2 and all(c.data.params["swept.trainer.epochs"] in ("2", "4") for c in children)
 
@@ -418,12 +496,17 @@ def test_cluster_commands_plan(checkout):
     server in tests/test_cluster.py."""
     grid, study = [c for c in readme_commands() if "hydra/launcher=slurm" in c]
     out = checkout.run(grid, "plan=true").stdout
-    assert "(SlurmLauncher)" in out and all(f"trainer.epochs={e}" in out for e in (8, 20, 40)) and "nothing submitted" in out
+    assert (
+        "(SlurmLauncher)" in out
+        and all(f"trainer.epochs={e}" in out for e in (8, 20, 40))
+        and "nothing submitted" in out
+    )
     out = checkout.run(study, "plan=true").stdout
     assert "(x40 trials)" in out and "nothing submitted" in out
 
 
 # ---- evaluate, compare, transcribe ----------------------------------------------------------------
+
 
 def test_evaluate_a_run_folder(checkout, run_a):
     checkout.run(f".venv/bin/python -m asr.evaluate run_dir={RUN_A}", **{RUN_A: str(run_a)})
@@ -436,21 +519,26 @@ def test_evaluate_an_mlflow_run(checkout, run_a):
     checkout.run(f".venv/bin/python -m asr.evaluate mlflow_run={RUN_ID} split=dev", **{RUN_ID: run_id})
     report = json.loads(sorted(checkout.root.glob("outputs/evaluate/*/*/report.json"))[-1].read_text())
     assert report["source"]["split"] == "dev" and report["source"]["training_run"] == run_id
-    evaluations = checkout.client().search_runs([checkout.client().get_run(run_id).info.experiment_id],
-                                                f"tags.evaluates_run_id = '{run_id}'")
+    evaluations = checkout.client().search_runs(
+        [checkout.client().get_run(run_id).info.experiment_id], f"tags.evaluates_run_id = '{run_id}'"
+    )
     assert evaluations and "dev_wer" in evaluations[0].data.metrics
 
 
 def test_evaluate_a_model_folder_on_a_manifest(checkout, run_a):
-    checkout.run(f".venv/bin/python -m asr.evaluate model_dir={RUN_A}/model dataset=manifest "
-                 "dataset.train=/data/ne/train.jsonl dataset.test=/data/ne/test.jsonl", **{RUN_A: str(run_a)})
+    checkout.run(
+        f".venv/bin/python -m asr.evaluate model_dir={RUN_A}/model dataset=manifest "
+        "dataset.train=/data/ne/train.jsonl dataset.test=/data/ne/test.jsonl",
+        **{RUN_A: str(run_a)},
+    )
     report = json.loads(sorted(checkout.root.glob("outputs/evaluate/*/*/report.json"))[-1].read_text())
     assert report["source"]["dataset"] == "manifest" and report["utterances"] == 100
 
 
 def test_compare_two_runs(checkout, run_a, run_b):
-    out = checkout.run(f".venv/bin/python -m asr.evaluate 'compare=[{RUN_A},{RUN_B}]'",
-                       **{RUN_A: str(run_a), RUN_B: str(run_b)}).stdout
+    out = checkout.run(
+        f".venv/bin/python -m asr.evaluate 'compare=[{RUN_A},{RUN_B}]'", **{RUN_A: str(run_a), RUN_B: str(run_b)}
+    ).stdout
     assert f"A = {run_a}" in out and re.search(r"(better|worse) than A|no significant difference", out)
 
 
@@ -460,12 +548,15 @@ def test_transcribe_files(checkout, run_a):
     sf.write(checkout.root / "talk.flac", audio, rate)
     stereo = soxr.resample(np.stack([audio, audio], axis=1), rate, 44100)  # a phone call: stereo, 44.1 kHz
     sf.write(checkout.root / "call.wav", stereo, 44100)
-    out = checkout.run(f".venv/bin/python -m asr.transcribe {RUN_A}/model talk.flac call.wav", **{RUN_A: str(run_a)}).stdout
+    out = checkout.run(
+        f".venv/bin/python -m asr.transcribe {RUN_A}/model talk.flac call.wav", **{RUN_A: str(run_a)}
+    ).stdout
     lines = out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == ["talk.flac", "call.wav"]
 
 
 # ---- language-model decoding ----------------------------------------------------------------------
+
 
 def test_lm_build_tune_and_evaluate(checkout, run_a):
     """On a copy of run A (the other evaluate tests need run A without an LM)."""

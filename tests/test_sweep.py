@@ -19,6 +19,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from conftest import SMALL_CORPUS, compose_cfg
 from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
@@ -27,11 +28,10 @@ from asr.paths import REPO_DIR
 from asr.sweep import run_study
 from asr.sweep.report import experiment_yaml, leaderboard
 from asr.sweep.space import SearchSpaceError, parse_space, split_sweep_overrides
-from asr.sweep.storage import open_storage, storage_url
 from asr.sweep.spec import spec_from_config
+from asr.sweep.storage import open_storage, storage_url
 from asr.sweep.study import load_study, work
 from asr.tracking import tracking_uri
-from conftest import SMALL_CORPUS, compose_cfg
 
 SWEEP_BASE = [*SMALL_CORPUS, "debug=fast"]  # 64 train utterances, 30 steps, an evaluation every 10
 
@@ -40,10 +40,18 @@ def study_args(tmp_path: Path, name: str, sweep_body: str, *extra: str) -> list[
     """sweep.py arguments for a study defined by a sweep file written where Hydra finds it."""
     (tmp_path / "conf" / "sweep").mkdir(parents=True, exist_ok=True)
     (tmp_path / "conf" / "sweep" / f"{name}.yaml").write_text(
-        "defaults:\n  - /shared/sweep@_here_\n  - _self_\n" + sweep_body)
-    return [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"sweep={name}", *SWEEP_BASE,
-            f"tracking.experiment=test-sweep-{name}", f"sweep.study_name={name}", f"sweep.dir={tmp_path / 'study'}",
-            f"sweep.export_dir={tmp_path / 'conf' / 'experiment'}", *extra]
+        "defaults:\n  - /shared/sweep@_here_\n  - _self_\n" + sweep_body
+    )
+    return [
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        f"sweep={name}",
+        *SWEEP_BASE,
+        f"tracking.experiment=test-sweep-{name}",
+        f"sweep.study_name={name}",
+        f"sweep.dir={tmp_path / 'study'}",
+        f"sweep.export_dir={tmp_path / 'conf' / 'experiment'}",
+        *extra,
+    ]
 
 
 def spec_for(args: list[str]):
@@ -51,7 +59,9 @@ def spec_for(args: list[str]):
 
 
 def run_sweep_py(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "sweep.py", *args], cwd=REPO_DIR, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "sweep.py", *args], cwd=REPO_DIR, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -65,19 +75,21 @@ def states(study: optuna.Study) -> dict[str, int]:
 
 # ---- search spaces ------------------------------------------------------------------------------
 def test_every_grammar_form_maps_to_its_optuna_distribution():
-    space = parse_space({
-        "trainer.lr": "tag(log, interval(1e-5, 1e-3))",
-        "regularization.mask_time_prob": "interval(0.0, 0.1)",
-        "trainer.warmup_steps": "int(interval(10, 200))",
-        "model.config.hidden_size": "tag(log, int(interval(32, 512)))",
-        "trainer.batch_size": "range(4, 17, 4)",
-        "regularization.layerdrop": "range(0.0, 0.3, 0.1)",
-        "trainer.epochs": "choice(8, 20, 40)",
-        "model": "choice(tiny, w2v_bert_2)",
-        "trainer.grad_accum": "1,2",
-        "trainer.max_grad_norm": 1.0,
-        "trainer": {"lr_scheduler": "choice(linear, cosine)"},  # nested, as `sweep.params.trainer.x=` gives
-    })
+    space = parse_space(
+        {
+            "trainer.lr": "tag(log, interval(1e-5, 1e-3))",
+            "regularization.mask_time_prob": "interval(0.0, 0.1)",
+            "trainer.warmup_steps": "int(interval(10, 200))",
+            "model.config.hidden_size": "tag(log, int(interval(32, 512)))",
+            "trainer.batch_size": "range(4, 17, 4)",
+            "regularization.layerdrop": "range(0.0, 0.3, 0.1)",
+            "trainer.epochs": "choice(8, 20, 40)",
+            "model": "choice(tiny, w2v_bert_2)",
+            "trainer.grad_accum": "1,2",
+            "trainer.max_grad_norm": 1.0,
+            "trainer": {"lr_scheduler": "choice(linear, cosine)"},  # nested, as `sweep.params.trainer.x=` gives
+        }
+    )
     assert space.distributions == {
         "trainer.lr": FloatDistribution(1e-5, 1e-3, log=True),
         "regularization.mask_time_prob": FloatDistribution(0.0, 0.1),
@@ -98,12 +110,15 @@ def test_every_grammar_form_maps_to_its_optuna_distribution():
     assert len(grid) == 6 and {"trainer.epochs": 40, "trainer.lr": 3e-5} in grid
 
 
-@pytest.mark.parametrize("text, message", [
-    ("interval(1e-3, 1e-5)", "lower bound comes first"),
-    ("tag(log, interval(0.0, 1.0))", "lower bound > 0"),
-    ("shuffle(range(1, 5))", "shuffle"),
-    ("choice(", "cannot parse"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("interval(1e-3, 1e-5)", "lower bound comes first"),
+        ("tag(log, interval(0.0, 1.0))", "lower bound > 0"),
+        ("shuffle(range(1, 5))", "shuffle"),
+        ("choice(", "cannot parse"),
+    ],
+)
 def test_bad_search_spaces_name_the_key_and_the_fix(text, message):
     with pytest.raises(SearchSpaceError, match=message) as err:
         parse_space({"trainer.lr": text})
@@ -111,13 +126,17 @@ def test_bad_search_spaces_name_the_key_and_the_fix(text, message):
 
 
 def test_command_line_sweeps_split_from_plain_overrides():
-    params, rest = split_sweep_overrides(["trainer.lr=tag(log,interval(1e-5,1e-3))", "trainer.epochs=2,4", "debug=fast"])
+    params, rest = split_sweep_overrides(
+        ["trainer.lr=tag(log,interval(1e-5,1e-3))", "trainer.epochs=2,4", "debug=fast"]
+    )
     assert params == {"trainer.lr": "tag(log,interval(1e-5,1e-3))", "trainer.epochs": "2,4"}
     assert rest == ["debug=fast"]
 
 
 def test_best_yaml_puts_groups_in_defaults_and_values_in_place():
-    text = experiment_yaml(["trainer=seed", "debug=fast", "trainer.lr=0.001", "+trainer.extra.eval_on_start=true", "sweep.workers=2"], "")
+    text = experiment_yaml(
+        ["trainer=seed", "debug=fast", "trainer.lr=0.001", "+trainer.extra.eval_on_start=true", "sweep.workers=2"], ""
+    )
     assert text.startswith("# @package _global_\n")
     assert "- override /trainer: seed" in text and "- /debug/fast" in text
     assert "lr: 0.001" in text and "eval_on_start: true" in text and "workers" not in text
@@ -126,9 +145,15 @@ def test_best_yaml_puts_groups_in_defaults_and_values_in_place():
 # ---- pruning, failures, OOM (trials run in this process) ---------------------------------------
 def test_pruner_stops_an_absurd_learning_rate_before_its_last_evaluation(tmp_path):
     """Two sane trials set the median; lr=30 blows the loss up and is pruned at its first eligible eval."""
-    args = study_args(tmp_path, "prune", "params:\n  trainer.lr: tag(log, interval(1e-4, 100.0))\n",
-                      "sweep.metric=eval_loss", "sweep.pruner.warmup_evals=1", "sweep.pruner.n_startup_trials=2",
-                      "sweep.n_trials=3")
+    args = study_args(
+        tmp_path,
+        "prune",
+        "params:\n  trainer.lr: tag(log, interval(1e-4, 100.0))\n",
+        "sweep.metric=eval_loss",
+        "sweep.pruner.warmup_evals=1",
+        "sweep.pruner.n_startup_trials=2",
+        "sweep.n_trials=3",
+    )
     spec = spec_for(args)
     study = load_study(spec)
     for lr in (3e-3, 2e-3, 30.0):
@@ -142,16 +167,22 @@ def test_pruner_stops_an_absurd_learning_rate_before_its_last_evaluation(tmp_pat
     step = bad.user_attrs["pruned_at_step"]
     last = bad.intermediate_values[step]
     assert math.isnan(last) or last > max(t.intermediate_values[step] for t in trials[:2])  # diverged (NaN) or worse
-    assert bad.value == (None if math.isnan(last) else last)  # recorded PRUNED with its last value (Optuna stores NaN as none)
+    assert bad.value == (
+        None if math.isnan(last) else last
+    )  # recorded PRUNED with its last value (Optuna stores NaN as none)
     assert not (tmp_path / "study" / "trial_0002" / "metrics.json").exists()  # no test pass for a pruned trial
     client = MlflowClient(tracking_uri())
     child = client.get_run(bad.user_attrs["mlflow_run_id"])
     assert child.info.status == "FINISHED" and child.data.tags["trial_state"] == "PRUNED"
-    assert [m.step for m in client.get_metric_history(child.info.run_id, "eval_loss")] == sorted(bad.intermediate_values)
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "eval_loss")] == sorted(
+        bad.intermediate_values
+    )
 
 
 def test_out_of_memory_retries_once_with_half_the_batch_and_twice_the_accumulation(tmp_path):
-    args = study_args(tmp_path, "oom", "params:\n  trainer.lr: choice(0.003)\n", "sweep.n_trials=1", "tracking.enabled=false")
+    args = study_args(
+        tmp_path, "oom", "params:\n  trainer.lr: choice(0.003)\n", "sweep.n_trials=1", "tracking.enabled=false"
+    )
     calls = []
 
     def fake_train(cfg, output_dir, **kwargs):
@@ -172,9 +203,13 @@ def test_out_of_memory_retries_once_with_half_the_batch_and_twice_the_accumulati
 def test_grid_with_two_workers_runs_every_point_once_and_records_failures(tmp_path):
     """2 x 2 grid, two worker processes: 4 trials, each point once; a bad scheduler FAILS with its
     reason (and a FAILED child run) while the study goes on."""
-    args = study_args(tmp_path, "grid2", "sampler:\n  name: grid\npruner:\n  name: none\nn_trials: null\nparams:\n"
-                      "  trainer.lr: choice(1e-3, 3e-3)\n  trainer.lr_scheduler: choice(linear, no_such_schedule)\n",
-                      "sweep.workers=2")
+    args = study_args(
+        tmp_path,
+        "grid2",
+        "sampler:\n  name: grid\npruner:\n  name: none\nn_trials: null\nparams:\n"
+        "  trainer.lr: choice(1e-3, 3e-3)\n  trainer.lr_scheduler: choice(linear, no_such_schedule)\n",
+        "sweep.workers=2",
+    )
     run_sweep_py(args)
     spec = spec_for(args)
     study = load_study(spec)
@@ -187,7 +222,10 @@ def test_grid_with_two_workers_runs_every_point_once_and_records_failures(tmp_pa
     for trial in trials:
         if trial.state == TrialState.FAIL:
             assert trial.params["trainer.lr_scheduler"] == "no_such_schedule"
-            assert trial.user_attrs["fail_reason"].startswith("ValueError") and "no_such_schedule" in trial.user_attrs["fail_reason"]
+            assert (
+                trial.user_attrs["fail_reason"].startswith("ValueError")
+                and "no_such_schedule" in trial.user_attrs["fail_reason"]
+            )
 
     client = MlflowClient(tracking_uri())
     parent_id = study.user_attrs["mlflow_parent_run_id"]
@@ -202,11 +240,16 @@ def test_grid_with_two_workers_runs_every_point_once_and_records_failures(tmp_pa
         assert child.data.params["swept.trainer.lr_scheduler"] == trial.params["trainer.lr_scheduler"]
         assert child.info.status == ("FINISHED" if trial.state == TrialState.COMPLETE else "FAILED")
         assert child.data.tags["trial_state"] == trial.state.name
-    artifacts = {a.path for a in client.list_artifacts(parent_id)} | {a.path for a in client.list_artifacts(parent_id, "plots")}
+    artifacts = {a.path for a in client.list_artifacts(parent_id)} | {
+        a.path for a in client.list_artifacts(parent_id, "plots")
+    }
     assert {"leaderboard.csv", "best.yaml", "plots/optimization_history.png"} <= artifacts
 
     # another process reads the study through Optuna's own API (what optuna-dashboard does)
-    code = f"import optuna; s = optuna.load_study(study_name='grid2', storage='{storage_url(spec.study)}'); print(len(s.trials), s.best_value)"
+    code = (
+        "import optuna; s = optuna.load_study(study_name='grid2', "
+        f"storage='{storage_url(spec.study)}'); print(len(s.trials), s.best_value)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["4", str(study.best_value)]
 
@@ -229,23 +272,39 @@ def test_three_processes_claiming_queued_trials_never_share_one(tmp_path):
     study = optuna.create_study(study_name="pop", storage=open_storage(cfg))
     for x in range(80):
         study.enqueue_trial({"x": x})
-    procs = [subprocess.Popen([sys.executable, "-c", POP_ALL, json.dumps(cfg)], cwd=REPO_DIR, stdout=subprocess.PIPE, text=True)
-             for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", POP_ALL, json.dumps(cfg)], cwd=REPO_DIR, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
     claimed = [trial_id for proc in procs for trial_id in json.loads(proc.communicate(timeout=120)[0])]
     assert sorted(claimed) == sorted(t._trial_id for t in study.get_trials())
 
 
 # ---- crash recovery ----------------------------------------------------------------------------
-@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=["SIGKILL", "SIGTERM"]
+)
 def test_killed_mid_trial_then_rerun_resumes_the_study_to_its_total(tmp_path, sig):
     """kill -9 of the sweep while trial 1 trains: the rerun fails it (no heartbeat), re-queues it,
     resumes it from its last checkpoint, and stops at n_trials; the MLflow parent is re-attached.
     SIGTERM (scancel, a time limit): the trial is marked interrupted at once and re-queued the same way."""
     name = f"crash_{sig.name.lower()}"
-    args = study_args(tmp_path, name, "params:\n  trainer.lr: tag(log, interval(1e-3, 1e-2))\n",
-                      "sweep.n_trials=3", "sweep.heartbeat_interval=1", "sweep.grace_period=2",
-                      "trainer.max_steps=60", "trainer.eval_steps=10", "trainer.save_steps=10")
-    proc = subprocess.Popen([sys.executable, "sweep.py", *args], cwd=REPO_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = study_args(
+        tmp_path,
+        name,
+        "params:\n  trainer.lr: tag(log, interval(1e-3, 1e-2))\n",
+        "sweep.n_trials=3",
+        "sweep.heartbeat_interval=1",
+        "sweep.grace_period=2",
+        "trainer.max_steps=60",
+        "trainer.eval_steps=10",
+        "trainer.save_steps=10",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "sweep.py", *args], cwd=REPO_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     checkpoints = tmp_path / "study" / "trial_0001" / "checkpoints"
     deadline = time.monotonic() + 240
     while not list(checkpoints.glob("checkpoint-*")) and proc.poll() is None and time.monotonic() < deadline:
@@ -265,7 +324,9 @@ def test_killed_mid_trial_then_rerun_resumes_the_study_to_its_total(tmp_path, si
     run_sweep_py(args)
     study = load_study(spec)
     assert states(study) == {"COMPLETE": 3, "FAIL": 1}  # the dead trial + 3 results: the total, not more
-    assert len({t.params["trainer.lr"] for t in study.trials if t.state == TrialState.COMPLETE}) == 3  # no replayed proposal
+    assert (
+        len({t.params["trainer.lr"] for t in study.trials if t.state == TrialState.COMPLETE}) == 3
+    )  # no replayed proposal
     dead = study.trials[1]
     retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == 1)
     assert dead.state == TrialState.FAIL and retry.params == dead.params
@@ -277,7 +338,9 @@ def test_killed_mid_trial_then_rerun_resumes_the_study_to_its_total(tmp_path, si
     client = MlflowClient(tracking_uri())
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
-    parents = client.search_runs([parent.info.experiment_id], f"tags.sweep_role = 'parent' AND tags.optuna_study = '{name}'")
+    parents = client.search_runs(
+        [parent.info.experiment_id], f"tags.sweep_role = 'parent' AND tags.optuna_study = '{name}'"
+    )
     assert len(parents) == 1
 
     # best.yaml composes back into train.py as an experiment
@@ -294,26 +357,45 @@ def test_killed_mid_trial_then_rerun_resumes_the_study_to_its_total(tmp_path, si
 def test_train_py_multirun_with_the_optuna_sweeper_plugin_and_submitit_workers(tmp_path):
     """`train.py -m hydra/sweeper=optuna`, its two workers as a submitit job array (local executor,
     the same code path as hydra/launcher=slurm)."""
-    args = ["-m", "hydra/sweeper=optuna", "hydra/launcher=submitit_local", "hydra.sweeper.workers=2", "trainer.lr=tag(log,interval(1e-3,1e-2))", "trainer.epochs=1,2", *SWEEP_BASE,
-            "tracking.experiment=test-sweep-plugin", "hydra.sweeper.study_name=plugin", f"hydra.sweeper.dir={tmp_path / 'study'}",
-            "hydra.sweeper.n_trials=3", "hydra.sweeper.export_dir=null"]
-    result = subprocess.run([sys.executable, "train.py", *args], cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
+    args = [
+        "-m",
+        "hydra/sweeper=optuna",
+        "hydra/launcher=submitit_local",
+        "hydra.sweeper.workers=2",
+        "trainer.lr=tag(log,interval(1e-3,1e-2))",
+        "trainer.epochs=1,2",
+        *SWEEP_BASE,
+        "tracking.experiment=test-sweep-plugin",
+        "hydra.sweeper.study_name=plugin",
+        f"hydra.sweeper.dir={tmp_path / 'study'}",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.export_dir=null",
+    ]
+    result = subprocess.run(
+        [sys.executable, "train.py", *args], cwd=REPO_DIR, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     study = optuna.load_study(study_name="plugin", storage=f"sqlite:///{tmp_path / 'study' / 'optuna.db'}")
     assert states(study) == {"COMPLETE": 3}
-    assert all(set(t.params) == {"trainer.lr", "trainer.epochs"} and 1e-3 <= t.params["trainer.lr"] <= 1e-2 for t in study.trials)
+    assert all(
+        set(t.params) == {"trainer.lr", "trainer.epochs"} and 1e-3 <= t.params["trainer.lr"] <= 1e-2
+        for t in study.trials
+    )
     client = MlflowClient(tracking_uri())
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 3
     # no second parent from the -m callback: the study's is the only one in this experiment
     assert len(client.search_runs([parent.info.experiment_id], "tags.sweep_role = 'parent'")) == 1
-    assert json.loads((tmp_path / "study" / "trial_0000" / "mlflow_run.json").read_text())["run_id"] in {c.info.run_id for c in children}
+    assert json.loads((tmp_path / "study" / "trial_0000" / "mlflow_run.json").read_text())["run_id"] in {
+        c.info.run_id for c in children
+    }
     job_logs = list((tmp_path / "study" / "submitit").glob("*/*_log.err"))
     assert len(job_logs) == 2 and all("joins study 'plugin'" in log.read_text() for log in job_logs)
 
 
 # ---- the command line against the study file ----------------------------------------------------
+
 
 def test_a_command_line_value_wins_over_the_study_files_fixed_value():
     """`python sweep.py trainer.eval_steps=10`: cpu_demo fixes eval_steps 100, the user's 10 must win."""
@@ -335,8 +417,14 @@ def test_a_command_line_value_for_a_swept_key_is_refused_with_the_fix():
 def test_one_search_space_entry_changed_added_or_removed_from_the_command_line():
     """The documented forms: sweep.params.<key>=<value> fixes a key, a quoted range changes one,
     + adds one, ~ removes one; the rest of the study file's space stays."""
-    spec = spec_for(["sweep.params.trainer.eval_steps=10", "sweep.params.trainer.lr='choice(1e-3, 2e-3)'",
-                     "+sweep.params.trainer.weight_decay='interval(0.0, 0.1)'", "~sweep.params.trainer.warmup_steps"])
+    spec = spec_for(
+        [
+            "sweep.params.trainer.eval_steps=10",
+            "sweep.params.trainer.lr='choice(1e-3, 2e-3)'",
+            "+sweep.params.trainer.weight_decay='interval(0.0, 0.1)'",
+            "~sweep.params.trainer.warmup_steps",
+        ]
+    )
     space = spec.space()
     assert space.distributions["trainer.lr"] == CategoricalDistribution([1e-3, 2e-3])
     assert space.distributions["trainer.weight_decay"] == FloatDistribution(0.0, 0.1)
@@ -352,8 +440,10 @@ def test_the_private_optuna_calls_work_on_the_installed_optuna(tmp_path):
     from asr.sweep.storage import CHECKED_OPTUNA, mark_failed, stored_trial, system_attrs
 
     version = ".".join(optuna.__version__.split(".")[:2])
-    assert version in CHECKED_OPTUNA, (f"optuna {optuna.__version__} is not among {CHECKED_OPTUNA}: check the private calls "
-                                       "at the end of asr/sweep/storage.py against it, then add it to CHECKED_OPTUNA")
+    assert version in CHECKED_OPTUNA, (
+        f"optuna {optuna.__version__} is not among {CHECKED_OPTUNA}: check the private calls "
+        "at the end of asr/sweep/storage.py against it, then add it to CHECKED_OPTUNA"
+    )
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'internals.db'}")
     study.ask({"x": FloatDistribution(0, 1)})
     running = study.get_trials(deepcopy=False)[0]

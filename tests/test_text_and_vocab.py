@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from conftest import compose_cfg
 
 from asr.data.text import normalize_text, number_to_words
 from asr.features import build_processor, build_vocab
 from asr.model import load_feature_extractor
-from conftest import compose_cfg
 
 
 @pytest.mark.parametrize(
@@ -37,8 +37,18 @@ def test_normalize_options_can_be_switched_off():
 
 @pytest.mark.parametrize(
     ("number", "words"),
-    [(0, "शून्य"), (5, "पाँच"), (11, "एघार"), (21, "एक्काइस"), (99, "उनान्सय"), (100, "एक सय"), (105, "एक सय पाँच"),
-     (2081, "दुई हजार एकासी"), (150000, "एक लाख पचास हजार"), (12345678, "एक करोड तेइस लाख पैँतालीस हजार छ सय अठहत्तर")],
+    [
+        (0, "शून्य"),
+        (5, "पाँच"),
+        (11, "एघार"),
+        (21, "एक्काइस"),
+        (99, "उनान्सय"),
+        (100, "एक सय"),
+        (105, "एक सय पाँच"),
+        (2081, "दुई हजार एकासी"),
+        (150000, "एक लाख पचास हजार"),
+        (12345678, "एक करोड तेइस लाख पैँतालीस हजार छ सय अठहत्तर"),
+    ],
 )
 def test_number_words(number, words):
     assert number_to_words(number) == words

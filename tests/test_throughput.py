@@ -9,15 +9,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import SMALL_CORPUS, compose_cfg
 from mlflow.tracking import MlflowClient
 
 from asr import trainer, training
 from asr.throughput import BatchStats, ThroughputCallback
 from asr.tracking import tracking_uri
-from conftest import SMALL_CORPUS, compose_cfg
 
-THROUGHPUT_KEYS = ("train_audio_seconds_per_second", "train_padding_fraction", "train_distinct_shapes",
-                   "train_timed_seconds", "train_real_audio_seconds", "train_padded_audio_seconds")
+THROUGHPUT_KEYS = (
+    "train_audio_seconds_per_second",
+    "train_padding_fraction",
+    "train_distinct_shapes",
+    "train_timed_seconds",
+    "train_real_audio_seconds",
+    "train_padded_audio_seconds",
+)
 
 
 def test_default_run_reports_throughput(learned):
@@ -26,19 +32,30 @@ def test_default_run_reports_throughput(learned):
     for key in THROUGHPUT_KEYS:
         assert key in on_disk
     assert on_disk["train_audio_seconds_per_second"] == pytest.approx(
-        on_disk["train_real_audio_seconds"] / on_disk["train_timed_seconds"])
+        on_disk["train_real_audio_seconds"] / on_disk["train_timed_seconds"]
+    )
     assert 0 < on_disk["train_timed_seconds"] < on_disk["train_runtime"]  # evaluations and saves are not counted
     # 300 steps of batch 8 from 400 utterances: 6 epochs of real audio (+ 0.02 s per utterance of frame rounding)
     epochs = 300 * 8 / 400
     assert on_disk["train_real_audio_seconds"] == pytest.approx(epochs * on_disk["train_audio_seconds"], rel=0.01)
     assert 0.1 < on_disk["train_padding_fraction"] < 0.6  # random batches of 1-6 s utterances
     run = MlflowClient(tracking_uri()).get_run(json.loads((output_dir / "mlflow_run.json").read_text())["run_id"])
-    assert run.data.metrics["train_audio_seconds_per_second"] == pytest.approx(on_disk["train_audio_seconds_per_second"])
+    assert run.data.metrics["train_audio_seconds_per_second"] == pytest.approx(
+        on_disk["train_audio_seconds_per_second"]
+    )
 
 
 def test_gpu_fast_composes_and_trains_on_cpu(tmp_path):
-    overrides = [*SMALL_CORPUS, "debug=fast", "trainer=gpu_fast", "trainer.max_steps=null", "trainer.epochs=2",
-                 "trainer.batch_seconds=20", "trainer.dataloader_num_workers=1", "tracking.experiment=test-gpu-fast"]
+    overrides = [
+        *SMALL_CORPUS,
+        "debug=fast",
+        "trainer=gpu_fast",
+        "trainer.max_steps=null",
+        "trainer.epochs=2",
+        "trainer.batch_seconds=20",
+        "trainer.dataloader_num_workers=1",
+        "tracking.experiment=test-gpu-fast",
+    ]
     cfg = compose_cfg(*overrides)
     args = trainer.build_training_args(cfg.trainer, tmp_path)
     assert args.optim == "adamw_torch_fused" and not args.gradient_checkpointing
@@ -51,7 +68,9 @@ def test_gpu_fast_composes_and_trains_on_cpu(tmp_path):
     assert metrics["train_real_audio_seconds"] == pytest.approx(2 * metrics["train_audio_seconds"], abs=2 * 64 * 0.02)
     padded, real = metrics["train_padded_audio_seconds"], metrics["train_real_audio_seconds"]
     assert metrics["train_padding_fraction"] == pytest.approx(1 - real / padded)
-    assert padded <= 20 * metrics["train_steps"]  # no batch above 20 padded seconds (the debug corpus has no longer utterance)
+    assert (
+        padded <= 20 * metrics["train_steps"]
+    )  # no batch above 20 padded seconds (the debug corpus has no longer utterance)
     assert metrics["train_padding_fraction"] < 0.2  # similar lengths, padded to 0.5 s steps
     assert 1 <= metrics["train_distinct_shapes"] <= metrics["train_steps"] / 2
     assert round(padded * 50) % 25 == 0  # every batch padded to a multiple of 25 frames
@@ -85,9 +104,20 @@ def test_flop_estimate_matches_torch_flop_counter():
 
     from asr.throughput import training_flops
 
-    model = Wav2Vec2BertForCTC(Wav2Vec2BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                                                  output_hidden_size=256, add_adapter=True, vocab_size=40, pad_token_id=39,
-                                                  mask_time_prob=0.0, layerdrop=0.0))
+    model = Wav2Vec2BertForCTC(
+        Wav2Vec2BertConfig(
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=1024,
+            output_hidden_size=256,
+            add_adapter=True,
+            vocab_size=40,
+            pad_token_id=39,
+            mask_time_prob=0.0,
+            layerdrop=0.0,
+        )
+    )
     features = torch.randn(2, 300, 160)
     with FlopCounterMode(display=False) as counter:
         model(input_features=features).logits.sum().backward()
@@ -109,7 +139,9 @@ def _load_benchmark(name: str):
 def test_varlen_benchmark_code_path_on_cpu(tmp_path):
     """benchmarks/gpu_varlen.py's arms, in-process with the tiny model on a few utterances."""
     varlen = _load_benchmark("gpu_varlen")
-    opts = SimpleNamespace(gpu=False, utterances=16, batch=4, epochs=1, warmup=1, multiple=25, attn="sdpa", threads=1, work=str(tmp_path))
+    opts = SimpleNamespace(
+        gpu=False, utterances=16, batch=4, epochs=1, warmup=1, multiple=25, attn="sdpa", threads=1, work=str(tmp_path)
+    )
     threads = torch.get_num_threads()
     try:
         naive, bounded = varlen.run_arm("naive", opts), varlen.run_arm("bounded", opts)
@@ -124,8 +156,25 @@ def test_varlen_benchmark_code_path_on_cpu(tmp_path):
 def test_throughput_benchmark_runs_both_presets_and_the_bare_loop(tmp_path, monkeypatch):
     bench = _load_benchmark("throughput")
     out = tmp_path / "results.jsonl"
-    monkeypatch.setattr("sys.argv", ["throughput.py", "--synthetic", "48", "--steps", "4", "--warmup", "1", "--rounds", "1",
-                                     "--threads", "1", "--out", str(out), f"paths.cache_dir={tmp_path / 'cache'}"])
+    monkeypatch.setattr(
+        "sys.argv",
+        [
+            "throughput.py",
+            "--synthetic",
+            "48",
+            "--steps",
+            "4",
+            "--warmup",
+            "1",
+            "--rounds",
+            "1",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ],
+    )
     threads = torch.get_num_threads()
     try:
         bench.main()

@@ -7,13 +7,12 @@ import json
 import mlflow
 import pytest
 import soundfile as sf
+from conftest import LEARNING_RUN, SMALL_CORPUS, compose_cfg
 from mlflow.tracking import MlflowClient
 from transformers import pipeline
 
 from asr import training
 from asr.tracking import tracking_uri
-from conftest import LEARNING_RUN, SMALL_CORPUS, compose_cfg
-
 
 
 def _mlflow_run(experiment: str):

@@ -16,9 +16,30 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-          "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}  # squeue states of a job that may still write its result
-KILLED = {"CANCELLED", "TIMEOUT", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}  # never will
+ACTIVE = {
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "COMPLETING",
+    "SUSPENDED",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+    "STOPPED",
+}  # squeue states of a job that may still write its result
+KILLED = {
+    "CANCELLED",
+    "TIMEOUT",
+    "FAILED",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}  # never will
 
 
 class JobLostError(RuntimeError):
@@ -30,8 +51,12 @@ def queue_states(job_ids: list[str]) -> dict[str, str] | None:
     300 s by default); None when squeue itself fails (then nothing is concluded)."""
     roots = sorted({job_id.split("_")[0] for job_id in job_ids})
     try:
-        out = subprocess.run(["squeue", "-h", "-r", "--states=all", "-o", "%i|%T", "-j", ",".join(roots)],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            ["squeue", "-h", "-r", "--states=all", "-o", "%i|%T", "-j", ",".join(roots)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0 and "Invalid job id" not in out.stderr:
@@ -39,7 +64,9 @@ def queue_states(job_ids: list[str]) -> dict[str, str] | None:
     return dict(line.split("|", 1) for line in out.stdout.split() if "|" in line)
 
 
-def wait_all(jobs: list, poll_s: float = 1.0, queue_poll_s: float = 5.0, grace_s: float = 15.0) -> list[tuple[Any, Any, BaseException | None]]:
+def wait_all(
+    jobs: list, poll_s: float = 1.0, queue_poll_s: float = 5.0, grace_s: float = 15.0
+) -> list[tuple[Any, Any, BaseException | None]]:
     """(job, result, error) per job once every job has a result or is gone from SLURM's queue.
 
     Result files are looked for every `poll_s` seconds, squeue is asked every `queue_poll_s`;

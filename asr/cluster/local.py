@@ -45,11 +45,16 @@ def postgres_bin() -> Path | None:
 
 def missing() -> str | None:
     """None when this machine can run the local cluster, else one line saying what to install or why not."""
-    absent = [name for name in ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue") if not shutil.which(name)]
+    absent = [
+        name for name in ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue") if not shutil.which(name)
+    ]
     if postgres_bin() is None:
         absent.append("initdb")
     if absent:
-        return f"local SLURM cluster: {', '.join(absent)} not found; as root: apt-get install -y --no-install-recommends {PACKAGES}"
+        return (
+            f"local SLURM cluster: {', '.join(absent)} not found; as root: apt-get install -y "
+            f"--no-install-recommends {PACKAGES}"
+        )
     if os.geteuid() != 0:
         return "local SLURM cluster: needs root (slurmd and munged run as root/munge)"
     return None
@@ -128,8 +133,16 @@ class LocalCluster:
 
     def _spawn(self, name: str, cmd: list[str], user: str | None = None, env: dict | None = None) -> subprocess.Popen:
         log = open(self.base / "logs" / f"{name}.log", "ab")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, user=user,
-                                start_new_session=True, env=env, cwd=self.base)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            user=user,
+            start_new_session=True,
+            env=env,
+            cwd=self.base,
+        )
         log.close()
         self.pids[name] = proc.pid
         self._save()
@@ -146,11 +159,25 @@ class LocalCluster:
         shutil.chown(key, "munge", "munge")
         key.chmod(0o400)
         socket_path = str(munge / "munge.socket")
-        self._spawn("munged", ["munged", "--foreground", f"--socket={socket_path}", f"--key-file={key}",
-                               f"--log-file={munge / 'munged.log'}", f"--pid-file={munge / 'munged.pid'}",
-                               f"--seed-file={munge / 'munged.seed'}"], user="munge")
-        wait_for("munged", lambda: quiet(f"munge -S {socket_path} -n | unmunge -S {socket_path}", shell=True).returncode == 0,
-                 10, munge / "munged.log")
+        self._spawn(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                f"--socket={socket_path}",
+                f"--key-file={key}",
+                f"--log-file={munge / 'munged.log'}",
+                f"--pid-file={munge / 'munged.pid'}",
+                f"--seed-file={munge / 'munged.seed'}",
+            ],
+            user="munge",
+        )
+        wait_for(
+            "munged",
+            lambda: quiet(f"munge -S {socket_path} -n | unmunge -S {socket_path}", shell=True).returncode == 0,
+            10,
+            munge / "munged.log",
+        )
         return socket_path
 
     def _start_slurm(self, ports: dict, socket_path: str) -> None:
@@ -164,16 +191,30 @@ class LocalCluster:
         host = socket.gethostname().split(".")[0]  # NodeName and SlurmctldHost must equal `hostname -s`
         memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
         conf = slurm / "slurm.conf"
-        conf.write_text(SLURM_CONF.format(
-            host=host, base=self.base, slurm=slurm, munge_socket=socket_path, ctld_port=ports["slurmctld"],
-            slurmd_port=ports["slurmd"], cpus=os.cpu_count() or 1, memory_mb=max(1024, memory_mb - 2048), gpus=GPUS))
+        conf.write_text(
+            SLURM_CONF.format(
+                host=host,
+                base=self.base,
+                slurm=slurm,
+                munge_socket=socket_path,
+                ctld_port=ports["slurmctld"],
+                slurmd_port=ports["slurmd"],
+                cpus=os.cpu_count() or 1,
+                memory_mb=max(1024, memory_mb - 2048),
+                gpus=GPUS,
+            )
+        )
         (slurm / "gres.conf").write_text(f"NodeName={host} Name=gpu File={dev}/nvidia[0-{GPUS - 1}]\n")
         env = {**os.environ, "SLURM_CONF": str(conf)}
         self.state["env"]["SLURM_CONF"] = str(conf)
         self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-f", str(conf)], env=env)
         self._spawn("slurmd", ["slurmd", "-D", "-f", str(conf)], env=env)
-        wait_for("the SLURM node", lambda: quiet(["sinfo", "-h", "-N", "-o", "%T"], env=env).stdout.strip() == "idle", 30,
-                 self.base / "logs" / "slurmctld.log")
+        wait_for(
+            "the SLURM node",
+            lambda: quiet(["sinfo", "-h", "-N", "-o", "%T"], env=env).stdout.strip() == "idle",
+            30,
+            self.base / "logs" / "slurmctld.log",
+        )
 
     def _start_postgres(self, port: int) -> str:
         bin_dir = postgres_bin()
@@ -182,15 +223,38 @@ class LocalCluster:
         shutil.chown(pg, "postgres", "postgres")
         pg.chmod(0o700)
         data = pg / "data"
-        subprocess.run([str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-locale"],
-                       check=True, capture_output=True, user="postgres", cwd=pg)
-        self._spawn("postgres", [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(pg),
-                                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"],
-                    user="postgres")
+        subprocess.run(
+            [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-locale"],
+            check=True,
+            capture_output=True,
+            user="postgres",
+            cwd=pg,
+        )
+        self._spawn(
+            "postgres",
+            [
+                str(bin_dir / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(port),
+                "-k",
+                str(pg),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=200",
+            ],
+            user="postgres",
+        )
         ready = [str(bin_dir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)]
         wait_for("PostgreSQL", lambda: quiet(ready).returncode == 0, 30, self.base / "logs" / "postgres.log")
         psql = [str(bin_dir / "psql"), "-q", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c"]
-        subprocess.run([*psql, f"CREATE ROLE {DB_USER} LOGIN PASSWORD '{DB_PASSWORD}'"], check=True, capture_output=True)
+        subprocess.run(
+            [*psql, f"CREATE ROLE {DB_USER} LOGIN PASSWORD '{DB_PASSWORD}'"], check=True, capture_output=True
+        )
         for db in ("mlflow", "optuna"):
             subprocess.run([*psql, f"CREATE DATABASE {db} OWNER {DB_USER}"], check=True, capture_output=True)
         self.state["postgres_url"] = f"postgresql+psycopg2://{DB_USER}:{DB_PASSWORD}@127.0.0.1:{port}"
@@ -198,9 +262,25 @@ class LocalCluster:
 
     def _start_mlflow(self, ports: dict) -> str:
         url = f"http://127.0.0.1:{ports['mlflow']}"
-        self._spawn("mlflow", [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{self.state['postgres_url']}/mlflow",
-                               "--artifacts-destination", str(self.base / "artifacts"), "--host", "127.0.0.1",
-                               "--port", str(ports["mlflow"]), "--workers", "2"])
+        self._spawn(
+            "mlflow",
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"{self.state['postgres_url']}/mlflow",
+                "--artifacts-destination",
+                str(self.base / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ports["mlflow"]),
+                "--workers",
+                "2",
+            ],
+        )
         wait_for("the MLflow server", lambda: _http_ok(f"{url}/health"), 120, self.base / "logs" / "mlflow.log")
         return url
 
@@ -215,7 +295,9 @@ class LocalCluster:
             while time.monotonic() < deadline and quiet(["squeue", "-h"], env=env, timeout=20).stdout.strip():
                 time.sleep(0.3)
         for name, pid in self.pids.items():  # SIGINT: PostgreSQL's fast shutdown (SIGTERM waits for its clients)
-            _signal(pid, signal.SIGINT if name == "postgres" else signal.SIGTERM, group=name == "mlflow")  # MLflow: its workers too
+            _signal(
+                pid, signal.SIGINT if name == "postgres" else signal.SIGTERM, group=name == "mlflow"
+            )  # MLflow: its workers too
         deadline = time.monotonic() + 5  # then SIGKILL: the MLflow server waits for its clients' keep-alive connections
         for name, pid in self.pids.items():
             while _alive(pid) and time.monotonic() < deadline:
@@ -297,21 +379,34 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m asr.cluster.local", description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["up", "down", "env", "status"], help="up: start and print the env; down: stop; env: print the env")
-    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"folder holding all state and logs (default {DEFAULT_DIR})")
-    parser.add_argument("--no-mlflow", action="store_true", help="skip the MLflow server (saves ~20 s and ~1 GB of memory)")
+    parser.add_argument(
+        "action",
+        choices=["up", "down", "env", "status"],
+        help="up: start and print the env; down: stop; env: print the env",
+    )
+    parser.add_argument(
+        "--dir", type=Path, default=DEFAULT_DIR, help=f"folder holding all state and logs (default {DEFAULT_DIR})"
+    )
+    parser.add_argument(
+        "--no-mlflow", action="store_true", help="skip the MLflow server (saves ~20 s and ~1 GB of memory)"
+    )
     args = parser.parse_args(argv)
     cluster = LocalCluster(args.dir)
     try:
         if args.action == "up":
             cluster.up(mlflow=not args.no_mlflow)
             print(cluster.exports())
-            print(f"# logs in {cluster.base / 'logs'}; stop with: python -m asr.cluster.local down --dir {cluster.base}", file=sys.stderr)
+            print(
+                f"# logs in {cluster.base / 'logs'}; stop with: python -m asr.cluster.local down --dir {cluster.base}",
+                file=sys.stderr,
+            )
         elif args.action == "down":
             cluster.down()
         elif args.action == "env":
             if not cluster.running():
-                raise RuntimeError(f"no local cluster runs from {cluster.base}: start one with `python -m asr.cluster.local up`")
+                raise RuntimeError(
+                    f"no local cluster runs from {cluster.base}: start one with `python -m asr.cluster.local up`"
+                )
             print(cluster.exports())
         else:
             print("running" if cluster.running() else "stopped")

@@ -30,8 +30,12 @@ class DataError(UserError, ValueError):
 def _loaders() -> dict[str, Callable[[DictConfig], dict[str, Rows]]]:
     from asr.data import hf_hub, manifest, openslr54, synthetic_ne
 
-    return {"hf_hub": hf_hub.load_rows, "manifest": manifest.load_rows, "openslr54": openslr54.load_rows,
-            "synthetic_ne": synthetic_ne.load_rows}
+    return {
+        "hf_hub": hf_hub.load_rows,
+        "manifest": manifest.load_rows,
+        "openslr54": openslr54.load_rows,
+        "synthetic_ne": synthetic_ne.load_rows,
+    }
 
 
 def load_splits(cfg: DictConfig) -> DatasetDict:
@@ -61,7 +65,9 @@ def split_fingerprint(split: Dataset) -> str:
     digest = hashlib.sha256()
     for row in split.select_columns(["id", "audio_path", "text", "speaker"]):
         source = source_file(row["audio_path"])
-        stat = (source.stat().st_size, source.stat().st_mtime_ns) if source.exists() else None  # missing: the audit says so
+        stat = (
+            (source.stat().st_size, source.stat().st_mtime_ns) if source.exists() else None
+        )  # missing: the audit says so
         digest.update(json.dumps([row, stat], sort_keys=True, ensure_ascii=False).encode())
     return digest.hexdigest()[:16]
 

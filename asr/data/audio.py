@@ -52,7 +52,8 @@ def _read_source(path: str):
 
 
 def load_audio(path: str | Path, target_rate: int) -> np.ndarray:
-    """Read any libsndfile format (also from inside a zip); a corrupt or missing file raises AudioDecodeError naming it."""
+    """Read any libsndfile format (also from inside a zip); a corrupt or missing file raises AudioDecodeError
+    naming it."""
     try:
         audio, sample_rate = sf.read(_read_source(str(path)), dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError, OSError, KeyError, zipfile.BadZipFile) as err:

@@ -29,13 +29,17 @@ def _load_split(cfg: DictConfig, split: str):
     try:
         dataset = load_dataset(cfg.path, cfg.config_name, split=split, data_files=data_files, revision=cfg.revision)
     except Exception as err:  # noqa: BLE001  (network, auth, missing split, script datasets: all end here)
-        raise DataError(f"could not load split {split!r} of {cfg.path!r} ({type(err).__name__}: {err}). Fix: check "
-                        f"dataset.path/config_name/splits, run `hf auth login` for gated datasets. {SCRIPT_DATASET_HELP}") from err
+        raise DataError(
+            f"could not load split {split!r} of {cfg.path!r} ({type(err).__name__}: {err}). Fix: check "
+            f"dataset.path/config_name/splits, run `hf auth login` for gated datasets. {SCRIPT_DATASET_HELP}"
+        ) from err
     wanted = [c for c in (cfg.audio_column, cfg.text_column, cfg.speaker_column, cfg.id_column) if c]
     missing = [c for c in wanted if c not in dataset.column_names]
     if missing:
-        raise DataError(f"{cfg.path} ({split}) has no column(s) {missing}; its columns are {dataset.column_names}. "
-                        "Fix: set dataset.audio_column / text_column / speaker_column / id_column")
+        raise DataError(
+            f"{cfg.path} ({split}) has no column(s) {missing}; its columns are {dataset.column_names}. "
+            "Fix: set dataset.audio_column / text_column / speaker_column / id_column"
+        )
     return dataset.cast_column(cfg.audio_column, Audio(decode=False)).select_columns(wanted)
 
 
@@ -47,7 +51,8 @@ def _rows(dataset, cfg: DictConfig, split: str, folder: Path) -> Rows:
         utt_id = str(example[cfg.id_column]) if cfg.id_column else f"{split}-{index:07d}"
         audio = example[cfg.audio_column]
         if audio.get("bytes"):
-            target = folder / f"{hashlib.sha1(utt_id.encode()).hexdigest()[:16]}{Path(audio.get('path') or '.flac').suffix or '.flac'}"
+            suffix = Path(audio.get("path") or ".flac").suffix or ".flac"
+            target = folder / f"{hashlib.sha1(utt_id.encode()).hexdigest()[:16]}{suffix}"
             if not target.is_file():
                 target.write_bytes(audio["bytes"])
             audio_path = str(target)
@@ -55,8 +60,15 @@ def _rows(dataset, cfg: DictConfig, split: str, folder: Path) -> Rows:
             audio_path = audio["path"]
         else:
             raise DataError(f"{cfg.path} ({split}) example {index} has neither audio bytes nor a path")
-        rows.append({"id": utt_id, "audio_path": audio_path, "text": str(example[cfg.text_column]),
-                     "speaker": str(example[cfg.speaker_column]) if cfg.speaker_column else "", "duration": 0.0})
+        rows.append(
+            {
+                "id": utt_id,
+                "audio_path": audio_path,
+                "text": str(example[cfg.text_column]),
+                "speaker": str(example[cfg.speaker_column]) if cfg.speaker_column else "",
+                "duration": 0.0,
+            }
+        )
     return rows
 
 
@@ -68,7 +80,9 @@ def load_rows(cfg: DictConfig) -> dict[str, Rows]:
             dataset = _load_split(cfg, theirs)
             rows[ours] = _rows(dataset, cfg, ours, Path(cfg.cache_dir).expanduser() / dataset._fingerprint)
     if "train" not in rows:
-        raise DataError("dataset.splits.train is not set: name the dataset's training split, e.g. dataset.splits.train=train")
+        raise DataError(
+            "dataset.splits.train is not set: name the dataset's training split, e.g. dataset.splits.train=train"
+        )
     for offset, split in enumerate(("dev", "test")):
         if split not in rows:
             rows["train"], rows[split] = carve_split(rows["train"], cfg[f"{split}_fraction"], cfg.split_seed + offset)

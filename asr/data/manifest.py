@@ -77,7 +77,9 @@ def load_rows(cfg: DictConfig) -> dict[str, Rows]:
     """train is required; dev/test come from their own manifests or are carved out of train."""
     rows = {split: read_manifest(cfg[split]) for split in SPLITS if cfg.get(split)}
     if "train" not in rows:
-        raise DataError(f"dataset.train is not set. Fix: dataset=manifest dataset.train=/path/train.jsonl ({FORMAT_HELP})")
+        raise DataError(
+            f"dataset.train is not set. Fix: dataset=manifest dataset.train=/path/train.jsonl ({FORMAT_HELP})"
+        )
     for offset, split in enumerate(("dev", "test")):
         if split not in rows:
             rows["train"], rows[split] = carve_split(rows["train"], cfg[f"{split}_fraction"], cfg.split_seed + offset)

@@ -41,7 +41,9 @@ def _transcripts(root: Path) -> list[tuple[str, str, str]]:
             if not fields:
                 continue
             if len(fields) != 3:
-                raise DataError(f"{tsv}:{lineno}: expected utterance_id<TAB>speaker_id<TAB>text, got {len(fields)} fields")
+                raise DataError(
+                    f"{tsv}:{lineno}: expected utterance_id<TAB>speaker_id<TAB>text, got {len(fields)} fields"
+                )
             rows.append((fields[0].strip(), fields[1].strip(), fields[2]))
     return rows
 
@@ -78,7 +80,11 @@ def load_rows(cfg: DictConfig) -> dict[str, Rows]:
         message = f"{len(missing)} utterances of utt_spk_text.tsv have no audio in {root}, e.g. {missing[:5]}"
         if not cfg.allow_missing_audio:
             raise DataError(f"{message}. Fix: download/extract every archive, or set dataset.allow_missing_audio=true")
-        log.warning("%s; training on the %d that have (listed as missing_file in data_audit.json)", message, len(rows) - len(missing))
+        log.warning(
+            "%s; training on the %d that have (listed as missing_file in data_audit.json)",
+            message,
+            len(rows) - len(missing),
+        )
     if cfg.split_ids:
         return _given_split(rows, Path(cfg.split_ids).expanduser())
     train, test = carve_split(rows, cfg.test_fraction, cfg.split_seed)
@@ -89,9 +95,14 @@ def load_rows(cfg: DictConfig) -> dict[str, Rows]:
 def _given_split(rows: Rows, path: Path) -> dict[str, Rows]:
     """A published split: {"dev": [ids], "test": [ids]} (optionally "train"); unlisted ids go to train."""
     if not path.is_file():
-        raise DataError(f"dataset.split_ids={path} does not exist. Fix: a JSON file {{\"dev\": [ids...], \"test\": [ids...]}}")
+        raise DataError(
+            f'dataset.split_ids={path} does not exist. Fix: a JSON file {{"dev": [ids...], "test": [ids...]}}'
+        )
     given = {split: set(ids) for split, ids in json.loads(path.read_text(encoding="utf-8")).items()}
     held = given.get("dev", set()) | given.get("test", set())
-    out = {"dev": [r for r in rows if r["id"] in given.get("dev", ())], "test": [r for r in rows if r["id"] in given.get("test", ())]}
+    out = {
+        "dev": [r for r in rows if r["id"] in given.get("dev", ())],
+        "test": [r for r in rows if r["id"] in given.get("test", ())],
+    }
     out["train"] = [r for r in rows if r["id"] not in held and ("train" not in given or r["id"] in given["train"])]
     return out

@@ -2,7 +2,8 @@
 
 Sentences come from a small Nepali grammar (subject-object-verb order, verbs agreeing with their
 subject; asr/data/nepali_grammar.py), or, with `sentences: words`, are random 3-8 word strings
-from a list of common Nepali words. Each is spoken by a random voice variant at a random speed and pitch (one variant = one speaker).
+from a list of common Nepali words. Each is spoken by a random voice variant at a random speed and
+pitch (one variant = one speaker).
 Generation is deterministic given the config and is cached under a content hash, so a
 changed setting makes a new corpus and an unchanged one is never regenerated.
 
@@ -38,7 +39,18 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = 3  # bump when the generation code changes what it writes
 CHUNK = 250  # utterances per fresh process; fixed, so the corpus never depends on the worker count
 DEFAULT_WORDS = Path(__file__).with_name("nepali_words.txt")
-RECIPE_KEYS = ("seed", "sentences", "sizes", "min_words", "max_words", "language", "voices", "speed", "pitch", "sample_rate")
+RECIPE_KEYS = (
+    "seed",
+    "sentences",
+    "sizes",
+    "min_words",
+    "max_words",
+    "language",
+    "voices",
+    "speed",
+    "pitch",
+    "sample_rate",
+)
 
 Utterance = tuple[str, str, str, Voice]  # split, id, text, voice
 
@@ -49,8 +61,9 @@ def read_words(path: str | Path | None) -> list[str]:
     return list(dict.fromkeys(w.strip() for w in lines if w.strip() and not w.startswith("#")))
 
 
-def draw_sentences(words: list[str], sizes: dict[str, int], min_words: int, max_words: int, rng,
-                   source: str = "grammar") -> dict[str, list[str]]:
+def draw_sentences(
+    words: list[str], sizes: dict[str, int], min_words: int, max_words: int, rng, source: str = "grammar"
+) -> dict[str, list[str]]:
     """Distinct sentences, so no test sentence was seen in training (nor in an LM built from train)."""
     if source not in ("grammar", "words"):
         raise DataError(f"dataset.sentences={source!r}: choose grammar or words")
@@ -91,7 +104,12 @@ def plan(cfg: DictConfig, words: list[str]) -> list[Utterance]:
 def corpus_key(cfg: DictConfig, words: list[str], engine_version: str) -> str:
     """Hash of everything that changes the corpus bytes (not of where it is cached)."""
     settings = OmegaConf.to_container(cfg, resolve=True)
-    recipe = {"generator": GENERATOR_VERSION, "engine": engine_version, "words": words, **{k: settings[k] for k in RECIPE_KEYS}}
+    recipe = {
+        "generator": GENERATOR_VERSION,
+        "engine": engine_version,
+        "words": words,
+        **{k: settings[k] for k in RECIPE_KEYS},
+    }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]
 
 
@@ -105,8 +123,18 @@ def speak_chunk(job: tuple[str, list[Utterance], int, int]) -> list[tuple[str, d
         audio = mono_resampled(speaker.speak(text, voice), speaker.sample_rate, sample_rate)
         relative = f"audio/{split}/{utt_id}.flac"
         sf.write(Path(root) / relative, audio, sample_rate, subtype="PCM_16")
-        lines.append((split, {"id": utt_id, "audio_filepath": relative, "text": text, "speaker": voice.name.split("+")[-1],
-                              "duration": round(len(audio) / sample_rate, 3)}))
+        lines.append(
+            (
+                split,
+                {
+                    "id": utt_id,
+                    "audio_filepath": relative,
+                    "text": text,
+                    "speaker": voice.name.split("+")[-1],
+                    "duration": round(len(audio) / sample_rate, 3),
+                },
+            )
+        )
     return lines
 
 
@@ -143,7 +171,9 @@ def speak_in_fresh_processes(jobs: list[tuple], workers: int, bar) -> list[list[
         except queue.Empty:  # nothing for 5 s: make sure no worker died without a word (OOM killer, signal)
             dead = {i: p.exitcode for i, p in running.items() if not p.is_alive()}
             if dead:
-                raise RuntimeError(f"corpus generation: the process speaking chunk(s) {sorted(dead)} died (exit codes {dead})") from None
+                raise RuntimeError(
+                    f"corpus generation: the process speaking chunk(s) {sorted(dead)} died (exit codes {dead})"
+                ) from None
             continue
         running.pop(index).join()
         if error:
@@ -166,7 +196,10 @@ def generate(cfg: DictConfig) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     for split in SPLITS:
         (partial / "audio" / split).mkdir(parents=True)
-    jobs = [(str(partial), utterances[i : i + CHUNK], cfg.sample_rate, cfg.seed + i) for i in range(0, len(utterances), CHUNK)]
+    jobs = [
+        (str(partial), utterances[i : i + CHUNK], cfg.sample_rate, cfg.seed + i)
+        for i in range(0, len(utterances), CHUNK)
+    ]
     with tqdm(total=len(utterances), desc=f"Speaking synthetic Nepali corpus into {folder}", unit="utt") as bar:
         chunks = speak_in_fresh_processes(jobs, cfg.num_proc, bar)
     _write_manifests(partial, [line for chunk in chunks for line in chunk])

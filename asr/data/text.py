@@ -57,8 +57,9 @@ def _spell_number(match: re.Match) -> str:
     return f" {spoken} "
 
 
-def normalize_text(text: str, lowercase: bool = True, remove_punctuation: bool = True, digits: str = "keep",
-                   latin: str = "keep") -> tuple[str, str]:
+def normalize_text(
+    text: str, lowercase: bool = True, remove_punctuation: bool = True, digits: str = "keep", latin: str = "keep"
+) -> tuple[str, str]:
     """(normalised text, rejection reason or ""). Vowel signs and viramas are marks (Mn/Mc), not punctuation."""
     text = unicodedata.normalize("NFC", text).translate(_INVISIBLE).replace("\u00a0", " ")
     if latin == "drop_utterance" and _LATIN.search(text):

@@ -73,11 +73,15 @@ def run_local_workers(spec_path: Path, workers: int) -> None:
 def submitit_executor(launcher: DictConfig, folder: Path):
     """A submitit executor from a hydra-submitit-launcher config (hydra/launcher=slurm, submitit_local...)."""
     import submitit
+
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
     cluster = "slurm" if launcher._target_.endswith("SlurmLauncher") else "local"
-    params = {k: v for k, v in OmegaConf.to_container(launcher, resolve=True).items()
-              if k not in ("_target_", "submitit_folder")}
+    params = {
+        k: v
+        for k, v in OmegaConf.to_container(launcher, resolve=True).items()
+        if k not in ("_target_", "submitit_folder")
+    }
     init = {f"{cluster}_max_num_timeout": params.pop("max_num_timeout")} if "max_num_timeout" in params else {}
     executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster, **init)
     base = set(OmegaConf.structured(BaseQueueConf).keys())
@@ -121,8 +125,13 @@ def run_study(spec: SweepSpec, launcher: DictConfig | None = None, report_only: 
     spec_path = spec.dir / SPEC_FILE
     spec.save(spec_path)
     workers = int(spec.study["workers"])
-    log.info("Study %r in %s: %d trials in all, %d worker(s); resume any time with the same command",
-             study.study_name, safe_url(storage_url(spec.study)), total, workers)
+    log.info(
+        "Study %r in %s: %d trials in all, %d worker(s); resume any time with the same command",
+        study.study_name,
+        safe_url(storage_url(spec.study)),
+        total,
+        workers,
+    )
     status = "FAILED"
     finished = sum(t.state in FINISHED for t in counted(study.get_trials(deepcopy=False)))
     try:

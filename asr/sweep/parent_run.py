@@ -18,8 +18,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from asr.sweep.space import flatten_params
-from asr.sweep.storage import safe_url, storage_url
 from asr.sweep.spec import SweepSpec
+from asr.sweep.storage import safe_url, storage_url
 from asr.sweep.study import n_trials_total
 from asr.tracking import TrackingUnavailableError, close_parent_run, connect, create_parent_run
 
@@ -49,13 +49,30 @@ def open_parent(study: optuna.Study, spec: SweepSpec) -> str | None:
             log.info("Study %r: re-attached to MLflow parent run %s", study.study_name, run_id)
             return run_id
         except MlflowException:
-            log.warning("Study %r: its parent run %s is not in %s; opening a new one", study.study_name, run_id, client.tracking_uri)
+            log.warning(
+                "Study %r: its parent run %s is not in %s; opening a new one",
+                study.study_name,
+                run_id,
+                client.tracking_uri,
+            )
     cfg = spec.study
-    tags = {"sweep_dir": str(spec.dir.resolve()), "optuna_study": cfg["study_name"],
-            "optuna_storage": safe_url(storage_url(cfg)), "overrides": " ".join(spec.base_overrides), "launcher": "optuna"}
-    params = {"sampler": cfg["sampler"]["name"], "pruner": cfg["pruner"]["name"], "n_trials": n_trials_total(spec),
-              "workers": cfg["workers"], "metric": cfg["metric"], "direction": cfg["direction"],
-              "swept_keys": ",".join(flatten_params(cfg["params"])), **{f"space.{k}": v for k, v in flatten_params(cfg["params"]).items()}}
+    tags = {
+        "sweep_dir": str(spec.dir.resolve()),
+        "optuna_study": cfg["study_name"],
+        "optuna_storage": safe_url(storage_url(cfg)),
+        "overrides": " ".join(spec.base_overrides),
+        "launcher": "optuna",
+    }
+    params = {
+        "sampler": cfg["sampler"]["name"],
+        "pruner": cfg["pruner"]["name"],
+        "n_trials": n_trials_total(spec),
+        "workers": cfg["workers"],
+        "metric": cfg["metric"],
+        "direction": cfg["direction"],
+        "swept_keys": ",".join(flatten_params(cfg["params"])),
+        **{f"space.{k}": v for k, v in flatten_params(cfg["params"]).items()},
+    }
     run_id = create_parent_run(client, experiment_id, f"study {cfg['study_name']}", tags, params)
     study.set_user_attr(PARENT_ATTR, run_id)
     log.info("Study %r: MLflow parent run %s in %s", study.study_name, run_id, client.tracking_uri)
@@ -68,7 +85,9 @@ def close_parent(study: optuna.Study, spec: SweepSpec, table: pd.DataFrame, file
     if not run_id:
         return
     client, _ = _client(spec)
-    metrics = {f"trials_{state.lower()}": int(n) for state, n in (table["state"].value_counts().items() if len(table) else [])}
+    metrics = {
+        f"trials_{state.lower()}": int(n) for state, n in (table["state"].value_counts().items() if len(table) else [])
+    }
     tags = {}
     if len(table):
         metrics["train_steps_total"] = int(table["steps"].sum())
@@ -79,6 +98,12 @@ def close_parent(study: optuna.Study, spec: SweepSpec, table: pd.DataFrame, file
             tags["best_trial"] = str(int(best["trial"]))
             if best["mlflow_run_id"]:
                 tags["best_run_id"] = best["mlflow_run_id"]
-    close_parent_run(client, run_id, status, metrics, tags,
-                     [(path, "plots" if path.suffix == ".png" else None) for path in files if path])
+    close_parent_run(
+        client,
+        run_id,
+        status,
+        metrics,
+        tags,
+        [(path, "plots" if path.suffix == ".png" else None) for path in files if path],
+    )
     log.info("Study %r: parent run %s closed %s", study.study_name, run_id, status)

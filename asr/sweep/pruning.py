@@ -47,11 +47,17 @@ def build_pruner(cfg: DictConfig, eval_steps: int) -> optuna.pruners.BasePruner:
     if cfg.name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=warmup_steps)
     if cfg.name == "percentile":
-        return optuna.pruners.PercentilePruner(cfg.percentile, n_startup_trials=cfg.n_startup_trials, n_warmup_steps=warmup_steps)
+        return optuna.pruners.PercentilePruner(
+            cfg.percentile, n_startup_trials=cfg.n_startup_trials, n_warmup_steps=warmup_steps
+        )
     if cfg.name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=max(1, warmup_steps), reduction_factor=cfg.reduction_factor)
     if cfg.name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, warmup_steps), reduction_factor=cfg.reduction_factor)
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=max(1, warmup_steps), reduction_factor=cfg.reduction_factor
+        )
     if cfg.name in ("none", None):
         return optuna.pruners.NopPruner()
-    raise ValueError(f"sweep.pruner.name={cfg.name!r}: choose median, percentile, hyperband, successive_halving or none")
+    raise ValueError(
+        f"sweep.pruner.name={cfg.name!r}: choose median, percentile, hyperband, successive_halving or none"
+    )

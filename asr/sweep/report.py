@@ -42,26 +42,36 @@ def leaderboard(study: optuna.Study) -> pd.DataFrame:
     rows = []
     for trial in counted(study.get_trials(deepcopy=False)):
         metrics = trial.user_attrs.get("metrics") or {}
-        rows.append({
-            "trial": trial.number,
-            "state": trial.state.name,
-            "value": trial.value,
-            **trial.params,
-            "steps": trial_steps(trial),
-            "test_wer": metrics.get("test_wer"),
-            "minutes": round(trial.duration.total_seconds() / 60, 1) if trial.duration else None,
-            "note": trial.user_attrs.get("fail_reason") or (f"pruned at step {trial.user_attrs['pruned_at_step']}"
-                                                          if "pruned_at_step" in trial.user_attrs else "")
-                    + (f" (OOM: retried with {trial.user_attrs['oom_retry']})" if "oom_retry" in trial.user_attrs else ""),
-            "mlflow_run_id": trial.user_attrs.get("mlflow_run_id", ""),
-        })
+        rows.append(
+            {
+                "trial": trial.number,
+                "state": trial.state.name,
+                "value": trial.value,
+                **trial.params,
+                "steps": trial_steps(trial),
+                "test_wer": metrics.get("test_wer"),
+                "minutes": round(trial.duration.total_seconds() / 60, 1) if trial.duration else None,
+                "note": trial.user_attrs.get("fail_reason")
+                or (
+                    f"pruned at step {trial.user_attrs['pruned_at_step']}"
+                    if "pruned_at_step" in trial.user_attrs
+                    else ""
+                )
+                + (f" (OOM: retried with {trial.user_attrs['oom_retry']})" if "oom_retry" in trial.user_attrs else ""),
+                "mlflow_run_id": trial.user_attrs.get("mlflow_run_id", ""),
+            }
+        )
     table = pd.DataFrame(rows)
     if table.empty:
         return table
     ascending = study.direction == optuna.study.StudyDirection.MINIMIZE
     complete = table["state"] == "COMPLETE"
-    return pd.concat([table[complete].sort_values(["value", "trial"], ascending=[ascending, True]),
-                      table[~complete].sort_values("trial")]).reset_index(drop=True)
+    return pd.concat(
+        [
+            table[complete].sort_values(["value", "trial"], ascending=[ascending, True]),
+            table[~complete].sort_values("trial"),
+        ]
+    ).reset_index(drop=True)
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
@@ -86,11 +96,14 @@ def experiment_yaml(overrides: list[str], header: str) -> str:
             defaults.append({f"override /{key.replace('.', '/')}": value})
         else:
             OmegaConf.update(values, key, value, force_add=True)
-    body = OmegaConf.to_yaml(OmegaConf.create({"defaults": defaults, **OmegaConf.to_container(values)}) if defaults
-                             else values)
+    body = OmegaConf.to_yaml(
+        OmegaConf.create({"defaults": defaults, **OmegaConf.to_container(values)}) if defaults else values
+    )
     # like every file in conf/, each setting says where it comes from
-    lines = [line + "  # from the sweep (see Overrides above)" if re.match(r"^\s*[\w.]+:\s*[^\s#]", line) else line
-             for line in body.splitlines()]
+    lines = [
+        line + "  # from the sweep (see Overrides above)" if re.match(r"^\s*[\w.]+:\s*[^\s#]", line) else line
+        for line in body.splitlines()
+    ]
     return f"# @package _global_\n{header}" + "\n".join(lines) + "\n"
 
 
@@ -106,10 +119,12 @@ def write_best_yaml(study: optuna.Study, spec: SweepSpec) -> Path | None:
         return None
     overrides = spec.trial_overrides(best.params)
     name = best_experiment_name(spec)
-    header = (f"# Best trial ({best.number}, {spec.study['metric']} {best.value:.4f}) of Optuna study "
-              f"{spec.study['study_name']!r}, written by sweep.py.\n"
-              f"# Re-run it: python train.py experiment={name}\n"
-              f"# Overrides: {' '.join(overrides)}\n")
+    header = (
+        f"# Best trial ({best.number}, {spec.study['metric']} {best.value:.4f}) of Optuna study "
+        f"{spec.study['study_name']!r}, written by sweep.py.\n"
+        f"# Re-run it: python train.py experiment={name}\n"
+        f"# Overrides: {' '.join(overrides)}\n"
+    )
     text = experiment_yaml(overrides, header)
     spec.dir.mkdir(parents=True, exist_ok=True)
     (spec.dir / "best.yaml").write_text(text)
@@ -147,8 +162,10 @@ def write_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
         "optimization_history.png": (len(complete) >= 1, lambda: plots.plot_optimization_history(study)),
         "intermediate_values.png": (len(reported) >= 1, lambda: plots.plot_intermediate_values(study)),
         "wer_vs_params.png": (len(complete) >= 1 and bool(complete[0].params), lambda: plots.plot_slice(study)),
-        "param_importances.png": (len(complete) >= 3 and len(complete[0].params) >= 2,
-                                  lambda: plots.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator())),
+        "param_importances.png": (
+            len(complete) >= 3 and len(complete[0].params) >= 2,
+            lambda: plots.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator()),
+        ),
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna's matplotlib backend is marked experimental
@@ -174,14 +191,22 @@ def summarize(study: optuna.Study, spec: SweepSpec) -> tuple[pd.DataFrame, list[
     files.append(spec.dir / "leaderboard.csv")
     counts = table["state"].value_counts().to_dict()
     with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 60):
-        print(f"\nStudy {study.study_name!r}: {len(table)} trials ({', '.join(f'{v} {k.lower()}' for k, v in counts.items())}), "
-              f"{int(table['steps'].sum())} train steps in all\n{table.drop(columns=['mlflow_run_id']).head(20).to_string(index=False)}")
+        print(
+            f"\nStudy {study.study_name!r}: {len(table)} trials "
+            f"({', '.join(f'{v} {k.lower()}' for k, v in counts.items())}), "
+            f"{int(table['steps'].sum())} train steps in "
+            f"all\n{table.drop(columns=['mlflow_run_id']).head(20).to_string(index=False)}"
+        )
     best = best_trial(study)
     if best is not None:
         best_file = write_best_yaml(study, spec)
         files.append(best_file)
         name = best_experiment_name(spec)
-        print(f"\nBest: trial {best.number}, {spec.study['metric']} {best.value:.4f}: {' '.join(to_overrides(best.params))}\n"
-              f"  {best_file}" + (f"; re-run it with: python train.py experiment={name}" if spec.study.get("export_dir") else ""))
+        print(
+            f"\nBest: trial {best.number}, {spec.study['metric']} {best.value:.4f}: "
+            f"{' '.join(to_overrides(best.params))}\n"
+            f"  {best_file}"
+            + (f"; re-run it with: python train.py experiment={name}" if spec.study.get("export_dir") else "")
+        )
     files += write_plots(study, spec.dir / "plots")
     return table, files

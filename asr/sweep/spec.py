@@ -54,14 +54,15 @@ class SweepSpec:
             raise SearchSpaceError(
                 f"{', '.join(clash)} is searched by the study (sweep.params), so a value for it on the command line "
                 f"would be ignored. Fix: drop it from the command line, change its range with "
-                f"\"sweep.params.{key}='<range>'\", or fix it for every trial with sweep.params.{key}=<value>")
+                f"\"sweep.params.{key}='<range>'\", or fix it for every trial with sweep.params.{key}=<value>"
+            )
 
     def save(self, path: Path) -> None:
         data = {k: v for k, v in asdict(self).items() if k != "search_space"}
         path.write_text(json.dumps(data, indent=2))
 
     @classmethod
-    def load(cls, path: Path) -> "SweepSpec":
+    def load(cls, path: Path) -> SweepSpec:
         return cls(**json.loads(Path(path).read_text()))
 
 
@@ -77,7 +78,10 @@ def train_overrides(task_overrides: list[str]) -> list[str]:
 
 def spec_from_config(cfg: DictConfig, task_overrides: list[str]) -> SweepSpec:
     """sweep.py's composed config (conf/study.yaml) + its command line → the spec its workers share."""
-    spec = SweepSpec(study=OmegaConf.to_container(cfg.sweep, resolve=True), base_overrides=train_overrides(list(task_overrides)),
-                     tracking=OmegaConf.to_container(cfg.tracking, resolve=True))
+    spec = SweepSpec(
+        study=OmegaConf.to_container(cfg.sweep, resolve=True),
+        base_overrides=train_overrides(list(task_overrides)),
+        tracking=OmegaConf.to_container(cfg.tracking, resolve=True),
+    )
     spec.check_command_line()
     return spec

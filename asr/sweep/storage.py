@@ -38,8 +38,11 @@ def open_storage(study_cfg: DictConfig | dict) -> optuna.storages.BaseStorage:
     if url.endswith((".log", ".journal")):  # a JournalFileBackend file: no DB at all, but no heartbeats
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        log.warning("sweep.storage=%s is a journal file: a worker killed mid-trial leaves that trial RUNNING "
-                    "(journal storages have no heartbeat); prefer sqlite:/// or postgresql://", url)
+        log.warning(
+            "sweep.storage=%s is a journal file: a worker killed mid-trial leaves that trial RUNNING "
+            "(journal storages have no heartbeat); prefer sqlite:/// or postgresql://",
+            url,
+        )
         return JournalStorage(JournalFileBackend(url))
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +58,9 @@ def _rdb_storage(url: str, engine_kwargs: dict, study_cfg) -> RDBStorage:
         engine_kwargs=engine_kwargs,
         heartbeat_interval=study_cfg["heartbeat_interval"],
         grace_period=study_cfg["grace_period"],
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=study_cfg["max_retry"], inherit_intermediate_values=True),
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+            max_retry=study_cfg["max_retry"], inherit_intermediate_values=True
+        ),
     )
     if url.startswith("sqlite"):
         serialize_sqlite_transactions(storage.engine)

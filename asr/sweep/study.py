@@ -29,11 +29,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from asr.paths import REPO_DIR
 from asr.sweep.pruning import OptunaPruningCallback, build_pruner
-from asr.sweep.storage import mark_failed, open_storage, stored_trial, system_attrs
 from asr.sweep.space import SearchSpace, format_value, to_overrides
 from asr.sweep.spec import SweepSpec
-from asr.trainer import RunPruned
+from asr.sweep.storage import mark_failed, open_storage, stored_trial, system_attrs
 from asr.tracking import SweepJob, tracking_uri
+from asr.trainer import RunPruned
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,11 @@ def load_study(spec: SweepSpec, worker: int = 0) -> optuna.Study:
 def enqueue_grid(study: optuna.Study, space: SearchSpace) -> int:
     """Queue every grid point once (WAITING trials). Workers pop them atomically from the storage,
     so each point runs exactly once however many workers there are; rerunning queues only what is missing."""
-    queued = {json.dumps(t.params or t.system_attrs.get("fixed_params", {}), sort_keys=True, default=str)
-              for t in study.get_trials(deepcopy=False) if not (t.state == TrialState.FAIL and t.user_attrs.get(OVER_BUDGET))}
+    queued = {
+        json.dumps(t.params or t.system_attrs.get("fixed_params", {}), sort_keys=True, default=str)
+        for t in study.get_trials(deepcopy=False)
+        if not (t.state == TrialState.FAIL and t.user_attrs.get(OVER_BUDGET))
+    }
     added = 0
     for point in space.grid():
         if json.dumps(point, sort_keys=True, default=str) not in queued:
@@ -96,8 +99,13 @@ def requeue_interrupted(study: optuna.Study, max_retry: int | None) -> int:
     resumed from their last checkpoint, and not counted against n_trials."""
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
-    todo = [t for t in trials if t.state in (TrialState.FAIL, TrialState.RUNNING) and t.user_attrs.get(INTERRUPTED)
-            and t.number not in retried]
+    todo = [
+        t
+        for t in trials
+        if t.state in (TrialState.FAIL, TrialState.RUNNING)
+        and t.user_attrs.get(INTERRUPTED)
+        and t.number not in retried
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         requeue = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
@@ -125,14 +133,17 @@ def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
 def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """The trials that use the study's budget: all but re-queued dead ones and over-budget starts."""
     retried = retried_numbers(trials)
-    return [t for t in trials
-            if not (t.state == TrialState.FAIL and (t.number in retried or t.user_attrs.get(OVER_BUDGET)))]
+    return [
+        t for t in trials if not (t.state == TrialState.FAIL and (t.number in retried or t.user_attrs.get(OVER_BUDGET)))
+    ]
 
 
 # ---- one trial --------------------------------------------------------------------------------
 def suggest(trial: optuna.Trial, key: str, distribution: BaseDistribution) -> Any:
     if isinstance(distribution, FloatDistribution):
-        return trial.suggest_float(key, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
+        return trial.suggest_float(
+            key, distribution.low, distribution.high, step=distribution.step, log=distribution.log
+        )
     if isinstance(distribution, IntDistribution):
         return trial.suggest_int(key, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
     if isinstance(distribution, CategoricalDistribution):
@@ -183,10 +194,15 @@ def halve_batch(cfg: DictConfig) -> str:
             trainer.batch_seconds = trainer.batch_seconds / 2
         else:
             if trainer.batch_size < 2:
-                raise RuntimeError("out of memory at batch size 1: use a smaller model, shorter audio (audit.max_seconds) or a bigger GPU")
+                raise RuntimeError(
+                    "out of memory at batch size 1: use a smaller model, shorter audio "
+                    "(audit.max_seconds) or a bigger GPU"
+                )
             trainer.batch_size = trainer.batch_size // 2
         trainer.grad_accum = trainer.grad_accum * 2
-    return f"batch_size={trainer.batch_size} batch_seconds={trainer.get('batch_seconds')} grad_accum={trainer.grad_accum}"
+    return (
+        f"batch_size={trainer.batch_size} batch_seconds={trainer.get('batch_seconds')} grad_accum={trainer.grad_accum}"
+    )
 
 
 def make_objective(spec: SweepSpec, train_fn=None):
@@ -204,20 +220,37 @@ def make_objective(spec: SweepSpec, train_fn=None):
         out = trial_dir(spec, trial.number)
         trial.set_user_attr("output_dir", str(out))
         resume = _resume_checkpoint(trial, spec)
-        job = SweepJob(spec.parent_run_id, trial.number, {k: format_value(v) for k, v in params.items()},
-                       tags={"optuna_study": cfg.study_name, "optuna_trial": str(trial.number)}) if spec.parent_run_id else None
+        job = (
+            SweepJob(
+                spec.parent_run_id,
+                trial.number,
+                {k: format_value(v) for k, v in params.items()},
+                tags={"optuna_study": cfg.study_name, "optuna_trial": str(trial.number)},
+            )
+            if spec.parent_run_id
+            else None
+        )
         callbacks = [OptunaPruningCallback(trial, cfg.metric)]
         try:
-            train_cfg = compose_train_config(overrides)  # a sampled group option that does not exist fails here, with its reason
+            train_cfg = compose_train_config(
+                overrides
+            )  # a sampled group option that does not exist fails here, with its reason
             with open_dict(train_cfg):
                 train_cfg.tracking.run_name = f"trial {trial.number}: " + (" ".join(to_overrides(params)) or "defaults")
             for attempt in (1, 2):
                 if attempt == 2:
-                    _free_cuda_memory()  # here, not in the except block: the exception's traceback holds the first model
+                    # here, not in the except block: the exception's traceback holds the first model
+                    _free_cuda_memory()
                 _save_config(out, train_cfg, overrides)
                 try:
-                    metrics = run_training(train_cfg, out, overrides=overrides, callbacks=callbacks,
-                                           resume_from_checkpoint=resume, sweep_job=job)
+                    metrics = run_training(
+                        train_cfg,
+                        out,
+                        overrides=overrides,
+                        callbacks=callbacks,
+                        resume_from_checkpoint=resume,
+                        sweep_job=job,
+                    )
                     break
                 except Exception as err:
                     if attempt == 1 and cfg.oom_retry and is_out_of_memory(err):
@@ -230,9 +263,13 @@ def make_objective(spec: SweepSpec, train_fn=None):
                     raise
             value = metrics.get(cfg.metric)
             if value is None:
-                raise RuntimeError(f"the run reported no {cfg.metric}: set trainer.eval_steps below the run's step count")
+                raise RuntimeError(
+                    f"the run reported no {cfg.metric}: set trainer.eval_steps below the run's step count"
+                )
             if value != value:  # NaN
-                raise FloatingPointError(f"{cfg.metric} is NaN: the loss diverged; lower trainer.lr or narrow the search space")
+                raise FloatingPointError(
+                    f"{cfg.metric} is NaN: the loss diverged; lower trainer.lr or narrow the search space"
+                )
             trial.set_user_attr("metrics", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             _tag_child(spec, _mlflow_run_id(out), "COMPLETE")
             return float(value)
@@ -304,7 +341,9 @@ def work(spec: SweepSpec, worker: int = 0, train_fn=None) -> int:
     objective = make_objective(spec, train_fn)
     timeout = spec.study.get("timeout")
     started, ran = time.monotonic(), 0
-    poll = max(1, min(3, spec.study["heartbeat_interval"] or 3))  # an idle worker exits at most this long after the last trial
+    poll = max(
+        1, min(3, spec.study["heartbeat_interval"] or 3)
+    )  # an idle worker exits at most this long after the last trial
     log.info("worker %d (pid %d) joins study %r: %d trials in all", worker, os.getpid(), study.study_name, total)
     while True:
         try:

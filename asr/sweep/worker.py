@@ -23,7 +23,9 @@ def main(spec_path: str, index: int = 0, threads: int | None = None) -> int:
 
         torch.set_num_threads(threads)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][worker {index}][%(name)s][%(levelname)s] - %(message)s")
+        logging.basicConfig(
+            level=logging.INFO, format=f"[%(asctime)s][worker {index}][%(name)s][%(levelname)s] - %(message)s"
+        )
     return work(SweepSpec.load(Path(spec_path)), worker=int(index))
 
 

@@ -40,6 +40,8 @@ class OptunaSweeper(Sweeper):
         given = {line.split("=", 1)[0].lstrip("+~") for line in arguments}
         # An experiment's hydra.sweeper.params join the space; the command line wins over them.
         study["params"] = {**{k: v for k, v in flatten_params(study.get("params")).items() if k not in given}, **swept}
-        spec = SweepSpec(study=study, base_overrides=fixed, tracking=OmegaConf.to_container(self.config.tracking, resolve=True))
+        spec = SweepSpec(
+            study=study, base_overrides=fixed, tracking=OmegaConf.to_container(self.config.tracking, resolve=True)
+        )
         launcher = self.config.hydra.launcher
         return run_study(spec, launcher if "submitit" in str(launcher.get("_target_", "")) else None)
