@@ -80,9 +80,9 @@ def dataset_hours(ds: DictConfig) -> tuple[float | None, float | None, float | N
     held_out = float(ds.get("dev_fraction") or 0) + float(ds.get("test_fraction") or 0)
     approx = ds.get("approx_hours")
     if ds.loader == "manifest":
-        path = Path(str(ds.get("train")))
+        path = Path(str(None if OmegaConf.is_missing(ds, "train") else ds.get("train")))
         if not path.is_file():
-            return None, None, None, f"absent: {path}"
+            return None, None, None, f"absent: dataset.train={path} is not a file"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         seconds = sum(float(r.get("duration") or 0) for r in rows)
         share = 1.0 if ds.get("dev") else 1 - held_out

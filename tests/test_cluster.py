@@ -268,3 +268,37 @@ def test_scancel_worker_mid_trial_then_rerun(cluster, tmp_path):
     assert len(study.get_trials()) == len(trials)
     assert study.user_attrs["mlflow_parent_run_id"] == parent
     assert "resumed_at" in client(env).get_run(parent).data.tags
+
+
+def test_grid_job_cancelled_before_its_result_fails_the_sweep(cluster, tmp_path):
+    """`train.py -m` with hydra/launcher=slurm: a job cancelled while it starts fails the sweep (exit code,
+    error naming the job, parent run closed) instead of leaving the command waiting forever."""
+    env = {**cluster, "MLFLOW_EXPERIMENT_NAME": "cluster-grid-cancel"}
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        *SLURM,
+        "trainer.epochs=1",
+        "debug=fast",
+        *SMALL_CORPUS,
+        'hydra.launcher.setup=["sleep 120"]',
+        f"hydra.sweep.dir={tmp_path / 'grid'}",
+    ]
+    driver = subprocess.Popen(cmd, cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (
+            "RUNNING"
+            not in subprocess.run(["squeue", "-h", "-o", "%T"], capture_output=True, text=True, env=env).stdout
+        ):
+            assert time.monotonic() < deadline and driver.poll() is None, "the grid job never started"
+            time.sleep(0.5)
+        subprocess.run(["scancel", "--user=root"], check=True, env=env)
+        out, _ = driver.communicate(timeout=90)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode != 0 and "ended without a result (CANCELLED)" in out, out[-3000:]
+    parents = [r for r in runs_of(env, "cluster-grid-cancel") if r.data.tags.get("sweep_role") == "parent"]
+    assert [r.info.status for r in parents] == ["FAILED"]

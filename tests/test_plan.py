@@ -114,3 +114,20 @@ def test_plan_prefers_mlflow_runs_of_the_same_settings(tmp_path, monkeypatch, no
     steps_per_epoch = 1500 / (cfg.trainer.batch_size * cfg.trainer.grad_accum)
     assert abs(result.epochs - 30 / steps_per_epoch) < 1e-9  # debug=fast: max_steps caps the epochs
     assert result.gpu_hours > 0
+
+
+def test_manifest_hours_are_measured(tmp_path):
+    from asr.plan import dataset_hours
+
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text(
+        "".join(f'{{"audio_filepath": "a{i}.flac", "text": "x", "duration": 36}}\n' for i in range(100))
+    )
+    train_h, dev_h, utterances, source = dataset_hours(
+        compose_cfg("dataset=manifest", f"dataset.train={manifest}").dataset
+    )
+    assert (round(train_h, 6), round(dev_h, 6), utterances) == (
+        0.9,
+        0.05,
+        90.0,
+    ) and "measured from train.jsonl" in source

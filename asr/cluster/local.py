@@ -10,8 +10,8 @@ For the tests and for trying the cluster path before using a real cluster:
 Everything lives under one folder (--dir, default /tmp/asr-cluster) and listens on 127.0.0.1 only,
 on free ports picked at start: munged, slurmctld + slurmd (one node, 2 fake GPUs as GRES, so
 `--gpus-per-node=1` jobs get CUDA_VISIBLE_DEVICES=0 or 1), PostgreSQL (databases `mlflow` and
-`optuna`) and `mlflow server` on PostgreSQL. There is no SLURM accounting: the sweep driver notices
-a job that left the queue without a result itself (asr.cluster.jobs).
+`optuna`) and `mlflow server` on PostgreSQL. There is no SLURM accounting: the drivers notice a job
+that left the queue without a result themselves (asr.cluster.jobs).
 Needs Debian's `slurmctld slurmd slurm-client munge postgresql` (see PACKAGES) and root.
 """
 
