@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -26,12 +27,55 @@ from asr.collator import STATS_KEY, CTCCollator
 from asr.errors import ConfigError
 from asr.inference import blank_padded_frames
 from asr.metrics import argmax_logits, make_compute_metrics
+from asr.threads import CpuShare, threads_for, usable_cores
 from asr.throughput import BatchStats, ThroughputCallback
 from asr.tracking import MlflowMetricsCallback, MlflowRun
 
 log = logging.getLogger(__name__)
 
 LENGTH_COLUMN = "input_length"  # feature frames per utterance, stored by asr.features
+
+
+class ThreadGovernor(TrainerCallback):
+    """`trainer.cpu_threads=adaptive` on CPU: every `interval_s` seconds of training, torch gets the
+    cores other processes left free (asr.threads), so a busy neighbour slows training down instead
+    of stalling every OpenMP barrier; all cores come back when the neighbour is gone."""
+
+    def __init__(self, interval_s: float = 2.0) -> None:
+        self.cores, self.interval_s = usable_cores(), interval_s
+        self.share, self.next_look, self.threads = None, 0.0, torch.get_num_threads()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.share, self.next_look = CpuShare(), time.monotonic() + self.interval_s
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.share is None or time.monotonic() < self.next_look:
+            return
+        self.next_look = time.monotonic() + self.interval_s
+        others = self.share.others()
+        if others is None:
+            return
+        threads = threads_for(self.cores, others)
+        if threads != self.threads:
+            log.info(
+                "CPU threads %d → %d (other processes use %.1f of %d cores)", self.threads, threads, others, self.cores
+            )
+            torch.set_num_threads(threads)
+            self.threads = threads
+
+    def on_train_end(self, args, state, control, **kwargs):
+        torch.set_num_threads(self.cores)  # evaluation and test after training start from all cores again
+
+
+def thread_callbacks(cfg: DictConfig) -> list[TrainerCallback]:
+    """trainer.cpu_threads: adaptive (the governor, on CPU without a fixed OMP_NUM_THREADS) | all."""
+    mode = cfg.get("cpu_threads", "adaptive")
+    if mode not in ("adaptive", "all"):
+        raise ConfigError(
+            f"trainer.cpu_threads={mode!r} is not a thread policy. Fix: trainer.cpu_threads=adaptive or all"
+        )
+    fixed = "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available()
+    return [ThreadGovernor()] if mode == "adaptive" and not fixed else []
 
 
 class RunPruned(Exception):
@@ -155,7 +199,12 @@ def build_trainer(
         processing_class=processor,
         compute_metrics=make_compute_metrics(processor.tokenizer),
         preprocess_logits_for_metrics=argmax_logits,
-        callbacks=[*([MlflowMetricsCallback(tracker)] if tracker else []), throughput, *callbacks],
+        callbacks=[
+            *([MlflowMetricsCallback(tracker)] if tracker else []),
+            throughput,
+            *thread_callbacks(cfg.trainer),
+            *callbacks,
+        ],
         batch_seconds=cfg.trainer.get("batch_seconds"),
         pad=pad,
         frames_per_second=fps,

@@ -1,10 +1,11 @@
-"""Training pace beside a busy neighbour, over the idle pace, for each OpenMP wait policy.
+"""Training pace beside a busy neighbour, over the idle pace, for each CPU thread policy.
 
-    .venv/bin/python benchmarks/thread_policy.py                       # default arms, 2 rounds
+    .venv/bin/python benchmarks/thread_policy.py                       # every arm, 2 rounds
     .venv/bin/python benchmarks/thread_policy.py --rounds 3 --steps 120 --out thread_policy.jsonl
 
 Every measurement is the same command a user types, `python train.py debug=fast
-trainer.max_steps=<steps>`, in a fresh process, with one wait policy in its environment; its
+trainer.max_steps=<steps>`, in a fresh process, with one thread policy (environment and
+`trainer.cpu_threads`); its
 `train_runtime` (metrics.json) is the time. Each arm runs idle, then beside one ordinary busy
 process (a single-threaded Python loop, like a compile or a browser tab), and the arms alternate
 round by round, so a slow stretch of the machine hits every arm alike.
@@ -27,18 +28,22 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# name → environment; "today" is libgomp's own default (spin 300,000 iterations, then sleep), what ran before
+# name → (environment, overrides). "today" is what ran before: all cores, libgomp's default waiting (spin,
+# then sleep); "adaptive" is the default now (trainer.cpu_threads=adaptive: the cores others leave free).
 ARMS = {
-    "today": {"GOMP_SPINCOUNT": "300000"},
-    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "spin10k": {"GOMP_SPINCOUNT": "10000"},
+    "today": ({}, ["trainer.cpu_threads=all"]),
+    "adaptive": ({}, []),
+    "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, ["trainer.cpu_threads=all"]),
+    "spin10k": ({"GOMP_SPINCOUNT": "10000"}, ["trainer.cpu_threads=all"]),
+    "one_thread": ({"OMP_NUM_THREADS": "1"}, []),
 }
 
 
-def train_seconds(env_extra: dict[str, str], steps: int, work: Path) -> float:
-    """train_runtime of one `train.py debug=fast` run with this environment."""
+def train_seconds(arm: tuple[dict[str, str], list[str]], steps: int, work: Path) -> float:
+    """train_runtime of one `train.py debug=fast` run with this arm's environment and overrides."""
+    env_extra, overrides = arm
     run_dir = Path(tempfile.mkdtemp(dir=work))
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
     env.update(env_extra)
     cmd = [
         sys.executable,
@@ -47,6 +52,7 @@ def train_seconds(env_extra: dict[str, str], steps: int, work: Path) -> float:
         f"trainer.max_steps={steps}",
         "tracking.enabled=false",
         f"hydra.run.dir={run_dir}",
+        *overrides,
     ]
     subprocess.run(cmd, env=env, cwd=work, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads((run_dir / "metrics.json").read_text())["train_runtime"]
@@ -86,7 +92,8 @@ def main() -> None:
                     line = {
                         "round": round_index,
                         "arm": arm,
-                        "env": ARMS[arm],
+                        "env": ARMS[arm][0],
+                        "overrides": ARMS[arm][1],
                         "condition": condition,
                         "steps": args.steps,
                         "train_runtime": round(seconds, 2),
