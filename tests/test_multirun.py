@@ -98,6 +98,7 @@ def _summary(client: MlflowClient, parent) -> list[dict]:
     return list(csv.DictReader(open(path)))
 
 
+@pytest.mark.slow  # the README's grid on the SQLite store runs as typed in tests/test_readme.py
 def test_epoch_grid_on_the_sqlite_store(tmp_path):
     """Basic launcher, default-style SQLite store; `trainer.epochs` means what it says."""
     result = _train(
