@@ -1,18 +1,15 @@
-"""Greedy CTC decoding and transcription of prepared features (length-sorted batches, padding never
-decoded), and the predictions files runs and evaluations write."""
+"""Loading a saved model, blanking padded frames before decoding, and the predictions files
+(predictions_<split>.jsonl) that runs and evaluations write; split log-probabilities for the
+decoders are computed in asr.lm.logits."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
-from datasets import Dataset
-from tqdm.auto import tqdm
 from transformers import Wav2Vec2BertForCTC, Wav2Vec2BertProcessor
 
-from asr.collator import CTCCollator
 from asr.errors import ConfigError
 from asr.model import mask_adapter_padding
 
@@ -63,27 +60,3 @@ def load_model(model_dir: str | Path, device: str | None = None) -> tuple[Wav2Ve
     model = Wav2Vec2BertForCTC.from_pretrained(str(model_dir)).to(device).eval()
     mask_adapter_padding(model)  # transcripts independent of the padding in a batch (asr/model.py)
     return model, Wav2Vec2BertProcessor.from_pretrained(str(model_dir))
-
-
-@torch.inference_mode()
-def transcribe_features(
-    model: Wav2Vec2BertForCTC,
-    processor: Wav2Vec2BertProcessor,
-    features: Dataset,
-    batch_size: int,
-    desc: str = "Transcribing",
-) -> list[str]:
-    """Transcripts in the dataset's order; batches are formed longest-first to keep padding small."""
-    order = np.argsort(-np.asarray(features["input_length"]), kind="stable")
-    collate = CTCCollator(processor)
-    texts: list[str] = [""] * len(order)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-        rows = [features[int(i)] for i in order[start : start + batch_size]]
-        batch = collate([{"input_features": row["input_features"]} for row in rows])
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        logits = blank_padded_frames(model(**batch).logits, batch["attention_mask"], model)
-        for i, text in zip(
-            order[start : start + batch_size], processor.tokenizer.batch_decode(logits.argmax(-1).cpu().numpy())
-        ):
-            texts[int(i)] = text
-    return texts

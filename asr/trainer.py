@@ -41,9 +41,10 @@ class ThreadGovernor(TrainerCallback):
     cores other processes left free (asr.threads), so a busy neighbour slows training down instead
     of stalling every OpenMP barrier; all cores come back when the neighbour is gone."""
 
-    def __init__(self, interval_s: float = 2.0) -> None:
+    def __init__(self, interval_s: float) -> None:
         self.cores, self.interval_s = usable_cores(), interval_s
-        self.share, self.next_look, self.threads = None, 0.0, torch.get_num_threads()
+        self.share, self.next_look = None, 0.0
+        self.initial = self.threads = torch.get_num_threads()
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.share, self.next_look = CpuShare(), time.monotonic() + self.interval_s
@@ -64,7 +65,7 @@ class ThreadGovernor(TrainerCallback):
             self.threads = threads
 
     def on_train_end(self, args, state, control, **kwargs):
-        torch.set_num_threads(self.cores)  # evaluation and test after training start from all cores again
+        torch.set_num_threads(self.initial)  # the test evaluation after training starts from every thread again
 
 
 def thread_callbacks(cfg: DictConfig) -> list[TrainerCallback]:
@@ -75,7 +76,7 @@ def thread_callbacks(cfg: DictConfig) -> list[TrainerCallback]:
             f"trainer.cpu_threads={mode!r} is not a thread policy. Fix: trainer.cpu_threads=adaptive or all"
         )
     fixed = "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available()
-    return [ThreadGovernor()] if mode == "adaptive" and not fixed else []
+    return [ThreadGovernor(cfg.get("cpu_threads_check_s", 2.0))] if mode == "adaptive" and not fixed else []
 
 
 class RunPruned(Exception):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
+from pyctcdecode.constants import DEFAULT_ALPHA, DEFAULT_BETA  # used until `python -m asr.lm tune` has run
 from transformers import Wav2Vec2CTCTokenizer
 
 from asr.lm import INFO_FILE, LMError, lm_dir_of
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 logging.getLogger("pyctcdecode").setLevel(logging.WARNING)  # it logs its alphabet guesses at INFO on every build
 
 DECODERS = ("greedy", "beam", "beam_lm")
-DEFAULT_ALPHA, DEFAULT_BETA = 0.5, 1.5  # pyctcdecode's defaults, used until `python -m asr.lm tune` has run
 UNK_LABEL = "⁇"  # pyctcdecode's unknown-token label
 
 
