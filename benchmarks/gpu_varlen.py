@@ -23,6 +23,7 @@ only), padding fraction, distinct shapes, peak GPU memory, then the ratios c/a, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -56,8 +57,9 @@ def plan_batches(arm: str, seconds: np.ndarray, batch: int, multiple: int, epoch
     return frames, list(sampler), pad
 
 
-def run_arm(arm: str, opts: argparse.Namespace) -> dict:
-    """One arm in this process (called with --arm by the parent)."""
+def run_arm(arm: str, opts: argparse.Namespace, around_steps=contextlib.nullcontext) -> dict:
+    """One arm in this process (called with --arm by the parent); the training steps run inside
+    `around_steps()` (the profile mode passes the profiler, so model building is not profiled)."""
     import torch
     from hydra import compose, initialize_config_dir
     from torch.utils.data import DataLoader
@@ -72,7 +74,7 @@ def run_arm(arm: str, opts: argparse.Namespace) -> dict:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if arm == "bounded" and cuda:
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = opts.cudnn_benchmark == "on"
     overrides = ["model=w2v_bert_2", "model.pretrained=false"] if opts.gpu else ["model=tiny"]
     overrides += ["regularization=seed", "regularization.layerdrop=0.0", f"model.attn_implementation={opts.attn}"]
     with initialize_config_dir(config_dir=str(REPO_DIR / "conf"), version_base="1.3"):
@@ -92,7 +94,11 @@ def run_arm(arm: str, opts: argparse.Namespace) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     step_times, real_frames, padded_frames, shapes, steps = [], 0, 0, set(), 0
+    per_epoch = []  # real audio s/s of each epoch's timed steps: the cost of first-seen shapes shows in epoch 1
+    steps_context = around_steps()
+    steps_context.__enter__()
     for epoch in range(opts.epochs):
+        epoch_time, epoch_frames = 0.0, 0
         frames, batches, pad = plan_batches(arm, seconds, opts.batch, opts.multiple, epoch)
         rows = [
             {
@@ -124,10 +130,14 @@ def run_arm(arm: str, opts: argparse.Namespace) -> dict:
             steps += 1
             if steps > opts.warmup:
                 step_times.append(now - clock)
+                epoch_time += now - clock
+                epoch_frames += stats["real_frames"]
                 real_frames += stats["real_frames"]
                 padded_frames += stats["padded_frames"]
             shapes.add(stats["shape"])
             clock = now
+        per_epoch.append(round(epoch_frames / FPS / epoch_time, 1) if epoch_time else None)
+    steps_context.__exit__(None, None, None)
     if not step_times:
         raise ValueError(f"--warmup {opts.warmup} leaves no timed step of {steps}: raise --utterances or --epochs")
     timed = sum(step_times)
@@ -139,6 +149,7 @@ def run_arm(arm: str, opts: argparse.Namespace) -> dict:
         "steps": steps,
         "timed_steps": len(step_times),
         "mean_step_s": timed / len(step_times),
+        "epoch_real_audio_s_per_s": per_epoch,
         "mean_batch": opts.utterances * opts.epochs / steps,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -172,8 +183,8 @@ def profile(opts: argparse.Namespace) -> None:
     opts.epochs, opts.warmup = 1, 0
     opts.utterances = opts.batch * (opts.profile_steps + 2)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with torch_profile(activities=activities) as prof:
-        result = run_arm("naive", opts)
+    prof = torch_profile(activities=activities)
+    result = run_arm("naive", opts, around_steps=lambda: prof)
     events = {e.key: e for e in prof.key_averages()}
     steps = result["steps"]
     total_ms = result["mean_step_s"] * 1000
@@ -204,6 +215,12 @@ def main() -> None:
         "--multiple", type=int, default=25, help="bounded arm: pad to a multiple of this many frames (50/s)"
     )
     parser.add_argument("--attn", default="sdpa", help="sdpa | eager")
+    parser.add_argument(
+        "--cudnn-benchmark",
+        default="on",
+        choices=("on", "off"),
+        help="bounded arm on a GPU: autotune convolutions per shape",
+    )
     parser.add_argument("--arms", default="naive,bucketed,bounded,fixed")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     parser.add_argument("--out", default="gpu_varlen_results.jsonl", help="JSON lines, appended as each arm finishes")
@@ -242,8 +259,8 @@ def main() -> None:
             else:
                 env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
             args = [sys.executable, __file__, "--arm", arm, "--work", work] + [
-                f"--{k}={getattr(opts, k)}"
-                for k in ("utterances", "batch", "epochs", "warmup", "multiple", "attn", "threads")
+                f"--{k.replace('_', '-')}={getattr(opts, k)}"
+                for k in ("utterances", "batch", "epochs", "warmup", "multiple", "attn", "threads", "cudnn_benchmark")
             ]
             done = subprocess.run(args + (["--gpu"] if opts.gpu else []), env=env, capture_output=True, text=True)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
