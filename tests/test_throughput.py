@@ -71,9 +71,9 @@ def test_gpu_fast_composes_and_trains_on_cpu(tmp_path):
     assert (
         padded <= 20 * metrics["train_steps"]
     )  # no batch above 20 padded seconds (the debug corpus has no longer utterance)
-    assert metrics["train_padding_fraction"] < 0.2  # similar lengths, padded to 0.5 s steps
+    assert metrics["train_padding_fraction"] < 0.1  # similar lengths, padded to the batch's longest
+    # the same batches every epoch (only their order changes): the second epoch brings no new shape
     assert 1 <= metrics["train_distinct_shapes"] <= metrics["train_steps"] / 2
-    assert round(padded * 50) % 25 == 0  # every batch padded to a multiple of 25 frames
     assert metrics["test_wer"] <= 1.0
 
 
