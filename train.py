@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> float:
         metrics = run(
             cfg, hydra_cfg.runtime.output_dir, overrides=hydra_cfg.overrides.task, sweep_job=sweep_job(hydra_cfg)
         )
-    return metrics[cfg.optimized_metric]
+    return metrics.get(cfg.optimized_metric, float("nan"))  # a trunk job of hydra/sweeper=branches has no test
 
 
 if __name__ == "__main__":

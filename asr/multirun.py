@@ -148,6 +148,8 @@ class MlflowMultirunCallback(Callback):
             files.append(folder / plot_name(table))
             plot_sweep(client, table, files[-1])
         finished = table[table["status"] == "FINISHED"].dropna(subset=["best_eval_wer"])
+        if "role" in finished:  # a shared trunk is not a result: its branches are
+            finished = finished[finished["role"] != "trunk"]
         metrics, tags = {"jobs_finished": len(finished)}, {}
         if len(finished):
             best = finished.iloc[0]

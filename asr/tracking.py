@@ -129,6 +129,12 @@ def create_parent_run(
     return run_id
 
 
+def log_parent_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
+    """Grid-level figures on a parent run while it is open (e.g. a shared trunk's compute)."""
+    now = get_current_time_millis()
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+
 def close_parent_run(
     client: MlflowClient,
     run_id: str,
@@ -157,14 +163,29 @@ class MlflowRun:
     """
 
     def __init__(
-        self, tracking_cfg: DictConfig, run_name: str, tags: dict[str, str], sweep: SweepJob | None = None
+        self,
+        tracking_cfg: DictConfig,
+        run_name: str,
+        tags: dict[str, str],
+        sweep: SweepJob | None = None,
+        reopen: str | None = None,
     ) -> None:
+        """`reopen`: the id of an earlier run to continue (a shared trunk trained by several jobs)."""
         self.client: MlflowClient | None = None
         self.run_id: str | None = None
+        self.reopened = False
         self.sweep = sweep
         if not tracking_cfg.enabled:
             return
         self.client, experiment_id = connect(tracking_cfg)
+        if reopen:
+            try:
+                self.client.update_run(reopen, status="RUNNING")
+                self.run_id, self.reopened = reopen, True
+                log.info("MLflow run %s continued", reopen)
+                return
+            except MlflowException:
+                log.warning("MLflow run %s is not in this store; starting a new one", reopen)
         tags = {**git_state(), **tags, "mlflow.source.name": "train.py"}
         if self.sweep:
             tags.update(

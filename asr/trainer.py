@@ -19,10 +19,11 @@ import torch
 from datasets import Dataset, DatasetDict
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import BatchSampler, DataLoader
-from transformers import Trainer, TrainerCallback, TrainingArguments, Wav2Vec2BertProcessor
+from transformers import Trainer, TrainerCallback, TrainingArguments, Wav2Vec2BertProcessor, get_wsd_schedule
 from transformers.trainer_utils import PredictionOutput, seed_worker
 
 from asr.batching import DurationBatchSampler, PadPolicy
+from asr.branches import decay_steps
 from asr.collator import STATS_KEY, CTCCollator
 from asr.errors import ConfigError
 from asr.inference import blank_padded_frames
@@ -34,6 +35,7 @@ from asr.tracking import MlflowMetricsCallback, MlflowRun
 log = logging.getLogger(__name__)
 
 LENGTH_COLUMN = "input_length"  # feature frames per utterance, stored by asr.features
+WSD_SHAPES = ("1-sqrt", "linear", "cosine")  # transformers' WSD decay types
 
 
 class ThreadGovernor(TrainerCallback):
@@ -139,7 +141,7 @@ def build_training_args(cfg: DictConfig, output_dir: Path, layerdrop: float = 0.
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
         learning_rate=cfg.lr,
-        lr_scheduler_type=cfg.lr_scheduler,
+        lr_scheduler_type="warmup_stable_decay" if cfg.lr_scheduler == "wsd" else cfg.lr_scheduler,
         warmup_steps=warmup,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
@@ -170,6 +172,17 @@ def build_training_args(cfg: DictConfig, output_dir: Path, layerdrop: float = 0.
         **resolve_precision(cfg.precision),
         **OmegaConf.to_container(cfg.extra, resolve=True),
     )
+
+
+def wsd_settings(cfg: DictConfig) -> dict | None:
+    """trainer.lr_scheduler=wsd: the cooldown's share and shape (None for the Trainer's own schedules)."""
+    if cfg.lr_scheduler != "wsd":
+        return None
+    shape = cfg.get("cooldown_shape", "1-sqrt")
+    if shape not in WSD_SHAPES:
+        raise ConfigError(f"trainer.cooldown_shape={shape!r} is not a decay shape. Fix: one of {', '.join(WSD_SHAPES)}")
+    decay_steps(1, cfg.get("cooldown_fraction", 0.2))  # checks the fraction
+    return {"cooldown_fraction": cfg.get("cooldown_fraction", 0.2), "shape": shape, "hold": False}
 
 
 def ddp_on_cpu() -> bool:
@@ -207,6 +220,7 @@ def build_trainer(
             *callbacks,
         ],
         batch_seconds=cfg.trainer.get("batch_seconds"),
+        wsd=wsd_settings(cfg.trainer),
         pad=pad,
         frames_per_second=fps,
         batch_stats=stats,
@@ -230,18 +244,43 @@ class CTCTrainer(Trainer):
         self,
         *args,
         batch_seconds: float | None = None,
+        wsd: dict | None = None,
         pad: PadPolicy = PadPolicy(),
         frames_per_second: float = 50.0,
         batch_stats: BatchStats | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.wsd = wsd
         self.batch_seconds, self.pad, self.frames_per_second, self.batch_stats = (
             batch_seconds,
             pad,
             frames_per_second,
             batch_stats,
         )
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """trainer.lr_scheduler=wsd: warm-up, constant, then a decay to 0 over the last cooldown_fraction
+        of the steps (transformers' WSD schedule); `hold` (a shared trunk) never decays."""
+        if self.wsd is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        decay = 0 if self.wsd["hold"] else decay_steps(num_training_steps, self.wsd["cooldown_fraction"])
+        self.lr_scheduler = get_wsd_schedule(
+            optimizer or self.optimizer,
+            num_warmup_steps=warmup,
+            num_decay_steps=decay,
+            num_stable_steps=max(0, num_training_steps - warmup - decay) if not self.wsd["hold"] else 2**62,
+            decay_type=self.wsd["shape"],
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one pass over the train split (as the Trainer counts them)."""
+        batches = len(self.get_train_dataloader())
+        accum = self.args.gradient_accumulation_steps
+        return max(batches // accum + int(batches % accum > 0), 1)
 
     def train_batch_sampler(self, dataset: Dataset) -> DurationBatchSampler:
         return DurationBatchSampler(

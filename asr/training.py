@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -17,7 +18,9 @@ from pathlib import Path
 from datasets import DatasetDict
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 
+from asr import branches
 from asr.audit import run_audit
 from asr.data import fingerprint
 from asr.data.text import NORMALIZATION_VERSION
@@ -32,9 +35,10 @@ from asr.trainer import RunPruned, build_trainer, configure_torch, ddp_on_cpu
 log = logging.getLogger(__name__)
 
 
-def best_eval(log_history: list[dict]) -> dict[str, float]:
-    """The evaluation with the lowest WER (the checkpoint load_best_model_at_end restored)."""
-    evals = [entry for entry in log_history if "eval_wer" in entry]
+def best_eval(log_history: list[dict], after_step: int = 0) -> dict[str, float]:
+    """The evaluation with the lowest WER (the checkpoint load_best_model_at_end restored); a branch
+    counts only its own evaluations, after its fork step."""
+    evals = [entry for entry in log_history if "eval_wer" in entry and entry["step"] > after_step]
     if not evals:
         return {}
     best = min(evals, key=lambda entry: (entry["eval_wer"], entry["step"]))
@@ -105,14 +109,24 @@ def run(
     # under torchrun only rank 0 records the run and writes outputs; the others work in a scratch folder
     work_dir = output_dir if rank == 0 else Path(tempfile.mkdtemp(prefix=f"asr-rank{rank}-"))
     output_dir.mkdir(parents=True, exist_ok=True)
+    job_role = branches.role(cfg)
+    overrides = [o for o in overrides if not o.startswith("branch.")]  # the sweeper's bookkeeping, not a setting
     run_name = cfg.tracking.run_name or (" ".join(overrides) or "defaults")
+    if job_role == "trunk":
+        run_name = f"trunk of {' '.join(o for o in overrides if not o.startswith('trainer.epochs=')) or 'defaults'}"
     tracking_cfg = cfg.tracking if rank == 0 else OmegaConf.create({"enabled": False})
+    trunk = branches.TrunkFolder(cfg.branch.trunk_dir) if job_role else None
     tracker = MlflowRun(
         tracking_cfg,
         run_name,
         {"dataset": cfg.dataset.name, "model": cfg.model.name, "overrides": " ".join(overrides)},
         sweep=sweep_job if rank == 0 else None,
+        reopen=trunk.trunk_run_id() if job_role == "trunk" else None,  # one MLflow run for the whole trunk
     )
+    if job_role == "trunk" and tracker.run_id:
+        trunk.set_trunk_run_id(tracker.run_id)
+        tracker.set_tag("branch_role", "trunk")
+        tracker.set_tag("trunk_dir", str(trunk.path.resolve()))
     if tracker.run_id:  # lets `asr.evaluate run_dir=...` file its results next to this run
         (output_dir / "mlflow_run.json").write_text(
             json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.client.tracking_uri})
@@ -120,7 +134,8 @@ def run(
         tracker.set_tag("output_dir", str(output_dir.resolve()))
     with _sigterm_exits():
         try:
-            tracker.log_config(cfg)
+            if not tracker.reopened:
+                tracker.log_config(cfg)
             set_seed(cfg.seed)
             with _main_process_first():  # rank 0 speaks the corpus and fills the feature cache; the others read it
                 splits, features, processor = prepare(cfg, work_dir)
@@ -146,9 +161,12 @@ def run(
                 step=0,
             )
             tracker.log_artifact(output_dir / "data_audit.json")
-            metrics = _train_and_test(
-                cfg, output_dir, model, features, processor, tracker, callbacks, resume_from_checkpoint, rank
-            )
+            if job_role == "trunk":
+                metrics = _train_trunk(cfg, output_dir, model, features, processor, tracker, trunk, callbacks)
+            else:
+                metrics = _train_and_test(
+                    cfg, output_dir, model, features, processor, tracker, callbacks, resume_from_checkpoint, rank, trunk
+                )
         except RunPruned:
             tracker.set_tag("trial_state", "PRUNED")
             tracker.end("FINISHED")
@@ -176,8 +194,13 @@ def _train_and_test(
     callbacks: Sequence[TrainerCallback] = (),
     resume_from_checkpoint: str | None = None,
     rank: int = 0,
+    trunk: branches.TrunkFolder | None = None,
 ) -> dict[str, float]:
+    """Train, then test and save; `trunk`: this run is a branch of that trunk, starting at its fork."""
     trainer, throughput = build_trainer(cfg, output_dir, model, features, processor, tracker, callbacks)
+    fork = 0
+    if trunk is not None:
+        fork, resume_from_checkpoint = _start_branch(cfg, trainer, tracker, trunk)
     started = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     train_runtime = time.perf_counter() - started
@@ -188,7 +211,7 @@ def _train_and_test(
     references, hypotheses = decode_predictions(processor.tokenizer, test.predictions, test.label_ids)
 
     metrics = {
-        **best_eval(trainer.state.log_history),
+        **best_eval(trainer.state.log_history, after_step=fork),
         **{k: v for k, v in test.metrics.items() if k.startswith("test_") and "per_second" not in k},
         "train_loss": train_output.training_loss,
         "train_runtime": train_runtime,
@@ -197,6 +220,7 @@ def _train_and_test(
         "train_utterances": len(features["train"]),
         "train_audio_seconds": float(sum(features["train"]["duration"])),
         **throughput.summary,
+        **({"fork_step": fork, "branch_steps": trainer.state.global_step - fork} if trunk is not None else {}),
     }
     if rank != 0:
         return metrics
@@ -225,6 +249,11 @@ def _train_and_test(
         "model/lm/lm.json",
     ):
         tracker.log_artifact(output_dir / name)
+    if trunk is not None:
+        trunk.mark_done(
+            cfg.trainer.epochs,
+            {"run_id": tracker.run_id, "output_dir": str(output_dir.resolve()), **metrics},
+        )
     log.info(
         "eval WER %.4f (best, step %s) | test WER %.4f, CER %.4f | %s",
         metrics.get("eval_wer", float("nan")),
@@ -233,4 +262,91 @@ def _train_and_test(
         metrics["test_cer"],
         output_dir,
     )
+    return metrics
+
+
+class _ForgetTrunkBest(TrainerCallback):
+    """A branch starting at its fork: the trunk's best evaluation is not the branch's (its checkpoint
+    is the trunk's), so load_best_model_at_end chooses among the branch's own evaluations."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.best_metric = state.best_model_checkpoint = None
+        if hasattr(state, "best_global_step"):
+            state.best_global_step = None
+
+
+def _fork_of(cfg: DictConfig, trainer) -> tuple[int, int]:
+    """(total steps of this run's trainer.epochs, its fork step) under trainer.cooldown_fraction."""
+    if cfg.trainer.max_steps is not None:
+        raise UserError(
+            f"a branch grid runs whole epochs, but trainer.max_steps={cfg.trainer.max_steps} would cut every "
+            "length to that. Fix: add trainer.max_steps=null"
+        )
+    if cfg.trainer.warmup_steps is None and cfg.trainer.warmup_ratio:
+        raise UserError(
+            "a shared trunk needs the same warm-up for every length, but trainer.warmup_ratio depends on it. "
+            "Fix: set the warm-up in steps, e.g. trainer.warmup_steps=50"
+        )
+    total = math.ceil(cfg.trainer.epochs * trainer.steps_per_epoch())
+    return total, branches.fork_step(total, cfg.trainer.cooldown_fraction)
+
+
+def _start_branch(cfg: DictConfig, trainer, tracker: MlflowRun, trunk: branches.TrunkFolder) -> tuple[int, str]:
+    """The fork step of this branch and the checkpoint it resumes from (its own if it was interrupted)."""
+    total, fork = _fork_of(cfg, trainer)
+    own = trunk.branch(cfg.trainer.epochs) / "checkpoints"
+    trainer.args.output_dir = str(own)
+    resume = get_last_checkpoint(str(own)) if own.is_dir() else None
+    if resume is None:
+        if not (trunk.fork(fork) / "trainer_state.json").is_file():
+            raise UserError(
+                f"the trunk in {trunk.path} has no checkpoint at step {fork} (the fork of "
+                f"trainer.epochs={cfg.trainer.epochs:g}) yet. Fix: run the grid with hydra/sweeper=branches, "
+                "which trains the trunk before its branches"
+            )
+        resume = str(trunk.fork(fork))
+        trainer.add_callback(_ForgetTrunkBest())
+    log.info(
+        "Branch of %g epochs: cooldown from step %d to %d, resuming from %s", cfg.trainer.epochs, fork, total, resume
+    )
+    tracker.set_tag("branch_role", "branch")
+    tracker.set_tag("branch_of", trunk.trunk_run_id() or "")
+    tracker.set_tag("fork_step", str(fork))
+    tracker.set_tag("trunk_dir", str(trunk.path.resolve()))
+    return fork, resume
+
+
+def _train_trunk(
+    cfg: DictConfig,
+    output_dir: Path,
+    model,
+    features: DatasetDict,
+    processor,
+    tracker: MlflowRun,
+    trunk: branches.TrunkFolder,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict[str, float]:
+    """Train the trunk at the constant rate up to the fork of trainer.epochs and keep that checkpoint."""
+    trainer, throughput = build_trainer(cfg, output_dir, model, features, processor, tracker, callbacks)
+    total, fork = _fork_of(cfg, trainer)
+    start = trunk.latest_start(fork)
+    start_step = branches.checkpoint_step(start) if start else 0
+    metrics = {"trunk_start_step": start_step, "trunk_end_step": fork, "trunk_steps": fork - start_step}
+    if start_step < fork:
+        trainer.wsd = {**trainer.wsd, "hold": True}  # no decay: every branch decays on its own
+        trainer.args.max_steps = fork
+        trainer.args.load_best_model_at_end = False  # the trunk goes on from where it stopped, not from its best
+        trainer.args.output_dir = str(trunk.checkpoints)
+        log.info(
+            "Trunk: steps %d → %d (the fork of %g epochs), in %s", start_step, fork, cfg.trainer.epochs, trunk.path
+        )
+        trainer.train(resume_from_checkpoint=str(start) if start else None)
+        trunk.keep_fork(trunk.checkpoints / f"checkpoint-{fork}", fork)
+        metrics.update(best_eval(trainer.state.log_history, after_step=start_step))
+        metrics.update(throughput.summary)
+    else:
+        log.info("Trunk: the fork of %g epochs (step %d) exists already in %s", cfg.trainer.epochs, fork, trunk.path)
+    metrics["train_audio_seconds"] = float(sum(features["train"]["duration"]))
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    tracker.log_metrics({"trunk_steps_total": fork}, step=fork)
     return metrics

@@ -1,0 +1,146 @@
+"""Epoch grids that share one trunk: warmup-stable-decay (WSD) training with cooldown branches.
+
+With `trainer.lr_scheduler=wsd` the learning rate warms up, stays constant, and decays to zero
+over the last `trainer.cooldown_fraction` of the run (shape `trainer.cooldown_shape`). Up to the
+start of its decay, a run of E epochs is the same computation as any longer run with the same
+settings: so an epoch grid needs one **trunk** trained at the constant rate, and for each E a
+short **branch** that starts from the trunk's checkpoint at E's fork step and only cools down
+(Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations").
+
+`hydra/sweeper=branches` (hydra_plugins/asr_branches_sweeper) plans the jobs; this module is
+what each job does, selected by `branch.role`:
+
+- `trunk`: resume the trunk from its latest checkpoint and train it at the constant rate up to the
+  fork step of `trainer.epochs`, then keep that checkpoint as the fork (`forks/step-<N>`).
+- `branch`: start from the fork of `trainer.epochs` (optimizer, scheduler and RNG state included)
+  and train to the end of E's schedule; evaluate, test and save like any run.
+
+A trunk folder (`branch.trunk_dir`) is named after the settings the trunk depends on, so a rerun of
+the same command finds it: the trunk resumes from its last checkpoint and finished branches are
+not run again (`branches/<E>/done.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from asr.errors import ConfigError
+
+ROLES = ("trunk", "branch")
+DONE_FILE = "done.json"
+TRUNK_FILE = "trunk.json"  # the trunk's MLflow run, reopened by each trunk job
+
+
+def role(cfg: DictConfig) -> str | None:
+    """`branch.role` of this job (None for a plain run), checked against the schedule it needs."""
+    branch = cfg.get("branch") or {}
+    value = branch.get("role")
+    if value is None:
+        return None
+    if value not in ROLES:
+        raise ConfigError(f"branch.role={value!r} is not a role. Fix: branch.role=trunk or branch (or leave it null)")
+    if cfg.trainer.lr_scheduler != "wsd":
+        raise ConfigError(
+            "a shared trunk needs the warmup-stable-decay schedule, not "
+            f"trainer.lr_scheduler={cfg.trainer.lr_scheduler}. Fix: add trainer.lr_scheduler=wsd"
+        )
+    if not branch.get("trunk_dir"):
+        raise ConfigError("branch.role is set without branch.trunk_dir. Fix: run the grid with hydra/sweeper=branches")
+    return value
+
+
+def decay_steps(total_steps: int, cooldown_fraction: float) -> int:
+    """Steps of the final decay of a WSD run of `total_steps` (at least 1)."""
+    if not 0 < cooldown_fraction <= 1:
+        raise ConfigError(
+            f"trainer.cooldown_fraction={cooldown_fraction} must be in (0, 1]. Fix: e.g. trainer.cooldown_fraction=0.2"
+        )
+    return max(1, round(cooldown_fraction * total_steps))
+
+
+def fork_step(total_steps: int, cooldown_fraction: float) -> int:
+    """The step where a WSD run of `total_steps` leaves the constant rate: its branch starts there."""
+    return total_steps - decay_steps(total_steps, cooldown_fraction)
+
+
+def trunk_key(cfg: DictConfig) -> str:
+    """What a trunk depends on: the composed config without the run length, the branch role and tracking."""
+    import hashlib
+
+    container = OmegaConf.to_container(cfg, resolve=False)
+    for key in ("branch", "hydra", "tracking", "plan", "optimized_metric"):
+        container.pop(key, None)
+    container.get("trainer", {}).pop("epochs", None)
+    text = json.dumps(container, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+class TrunkFolder:
+    """A trunk's files: checkpoints/ (its own, rotated), forks/step-<N>/ (kept), branches/<E>/, trunk.json."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def fork(self, step: int) -> Path:
+        return self.path / "forks" / f"step-{step}"
+
+    def branch(self, epochs: float) -> Path:
+        return self.path / "branches" / f"{epochs:g}"
+
+    def latest_start(self, until_step: int) -> Path | None:
+        """The furthest checkpoint (a fork or the trunk's own) at or before `until_step`: where the trunk resumes."""
+        candidates = []
+        for folder in (self.path / "forks", self.checkpoints):
+            for child in folder.glob("*-*") if folder.is_dir() else ():
+                step = _step_of(child)
+                if step is not None and step <= until_step and (child / "trainer_state.json").is_file():
+                    candidates.append((step, child))
+        return max(candidates)[1] if candidates else None
+
+    def keep_fork(self, checkpoint: Path, step: int) -> Path:
+        """Copy the trunk's checkpoint at `step` to forks/ (out of reach of checkpoint rotation)."""
+        target = self.fork(step)
+        if not target.exists():
+            partial = target.with_name(target.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(checkpoint, partial)
+            partial.rename(target)  # a fork either exists whole or not at all
+        return target
+
+    def trunk_run_id(self) -> str | None:
+        record = self.path / TRUNK_FILE
+        return json.loads(record.read_text())["run_id"] if record.is_file() else None
+
+    def set_trunk_run_id(self, run_id: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / TRUNK_FILE).write_text(json.dumps({"run_id": run_id}))
+
+    def done(self, epochs: float) -> dict | None:
+        record = self.branch(epochs) / DONE_FILE
+        return json.loads(record.read_text()) if record.is_file() else None
+
+    def mark_done(self, epochs: float, record: dict) -> None:
+        folder = self.branch(epochs)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / DONE_FILE).write_text(json.dumps(record, indent=2))
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The optimizer step a checkpoint folder was saved at (`checkpoint-<N>` or `step-<N>`)."""
+    step = _step_of(folder)
+    if step is None:
+        raise ValueError(f"{folder} is not a checkpoint folder")
+    return step
+
+
+def _step_of(folder: Path) -> int | None:
+    tail = folder.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None

@@ -1,0 +1,1 @@
+"""`hydra/sweeper=branches`: an epoch grid that shares one WSD trunk (see branches_sweeper.py)."""
