@@ -43,14 +43,31 @@ def role(cfg: DictConfig) -> str | None:
         return None
     if value not in ROLES:
         raise ConfigError(f"branch.role={value!r} is not a role. Fix: branch.role=trunk or branch (or leave it null)")
-    if cfg.trainer.lr_scheduler != "wsd":
-        raise ConfigError(
-            "a shared trunk needs the warmup-stable-decay schedule, not "
-            f"trainer.lr_scheduler={cfg.trainer.lr_scheduler}. Fix: add trainer.lr_scheduler=wsd"
-        )
     if not branch.get("trunk_dir"):
         raise ConfigError("branch.role is set without branch.trunk_dir. Fix: run the grid with hydra/sweeper=branches")
+    check_settings(cfg)
     return value
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """What a shared trunk needs: the WSD schedule, whole epochs, and a warm-up that does not depend on the length."""
+    trainer = cfg.trainer
+    if trainer.lr_scheduler != "wsd":
+        raise ConfigError(
+            "a shared trunk needs the warmup-stable-decay schedule, not "
+            f"trainer.lr_scheduler={trainer.lr_scheduler}. Fix: add trainer.lr_scheduler=wsd"
+        )
+    if trainer.max_steps is not None:
+        raise ConfigError(
+            f"a branch grid runs whole epochs, but trainer.max_steps={trainer.max_steps} would cut every length "
+            "to that. Fix: add trainer.max_steps=null"
+        )
+    if trainer.warmup_steps is None and trainer.warmup_ratio:
+        raise ConfigError(
+            "a shared trunk needs the same warm-up for every length, but trainer.warmup_ratio depends on it. "
+            "Fix: set the warm-up in steps, e.g. trainer.warmup_steps=50"
+        )
+    decay_steps(1, trainer.cooldown_fraction)  # a fraction in (0, 1]
 
 
 def decay_steps(total_steps: int, cooldown_fraction: float) -> int:

@@ -257,10 +257,35 @@ def render(plans: list[JobPlan], title: str, multiplier: int = 1) -> str:
     return "\n".join(out)
 
 
-def print_plan(jobs: list[tuple[str, list[str], list[str]]], title: str, multiplier: int = 1) -> int:
-    """Print the table (and what trainer=gpu_fast would take); 1 if any job does not compose."""
+def shared_trunk_line(jobs: list[tuple[str, list[str], list[str]]], plans: list[JobPlan], cooldown: float) -> str:
+    """What `hydra/sweeper=branches` trains of these jobs: per trunk, its longest fork plus every cooldown."""
+    groups: dict[tuple[str, ...], list[JobPlan]] = {}
+    for (_, overrides, _), plan in zip(jobs, plans):
+        key = tuple(o for o in overrides if o.split("=", 1)[0] != "trainer.epochs")
+        groups.setdefault(key, []).append(plan)
+    epochs_alone = epochs_shared = hours = 0.0
+    for group in groups.values():
+        lengths = [p.epochs or 0.0 for p in group]
+        alone, shared = sum(lengths), max(lengths) * (1 - cooldown) + cooldown * sum(lengths)
+        epochs_alone, epochs_shared = epochs_alone + alone, epochs_shared + shared
+        if all(p.gpu_hours is not None for p in group) and alone:
+            hours += sum(p.gpu_hours for p in group) * shared / alone
+    ratio = epochs_shared / epochs_alone if epochs_alone else float("nan")
+    return (
+        f"with hydra/sweeper=branches (cooldown {cooldown:.0%}): {epochs_shared:,.1f} of these {epochs_alone:,.1f} "
+        f"epochs ({ratio:.2f}), ~{hours:,.1f} {GPU} GPU-hours"
+    )
+
+
+def print_plan(
+    jobs: list[tuple[str, list[str], list[str]]], title: str, multiplier: int = 1, cooldown: float | None = None
+) -> int:
+    """Print the table (and what trainer=gpu_fast would take); 1 if any job does not compose.
+    `cooldown`: the grid shares a trunk (hydra/sweeper=branches), with this cooldown fraction."""
     plans = plan_jobs(jobs)
     print(render(plans, title, multiplier))
+    if cooldown is not None and not any(p.error for p in plans):
+        print(shared_trunk_line(jobs, plans, cooldown))
     fast = [(n, [*o, "trainer=gpu_fast"], s) for n, o, s in jobs if not any(x.startswith("trainer=") for x in o)]
     if fast and not any(p.error for p in plans):
         fast_plans = plan_jobs(fast)
@@ -296,7 +321,9 @@ class PlanCallback(Callback):
         except Exception as err:  # noqa: BLE001  (e.g. interval() sweeps, which only the Optuna sweeper takes)
             print(f"error: cannot list the grid's jobs: {err}", file=sys.stderr)
             raise SystemExit(1) from None
-        raise SystemExit(print_plan(jobs, f"Plan of `train.py -m` ({launcher}): {' '.join(overrides)}"))
+        shared = "asr_branches_sweeper" in str(config.hydra.sweeper.get("_target_", ""))
+        title = f"Plan of `train.py -m` ({launcher}): {' '.join(overrides)}"
+        raise SystemExit(print_plan(jobs, title, cooldown=config.trainer.cooldown_fraction if shared else None))
 
 
 def study_jobs(spec) -> tuple[list[tuple[str, list[str], list[str]]], int, str]:

@@ -277,16 +277,6 @@ class _ForgetTrunkBest(TrainerCallback):
 
 def _fork_of(cfg: DictConfig, trainer) -> tuple[int, int]:
     """(total steps of this run's trainer.epochs, its fork step) under trainer.cooldown_fraction."""
-    if cfg.trainer.max_steps is not None:
-        raise UserError(
-            f"a branch grid runs whole epochs, but trainer.max_steps={cfg.trainer.max_steps} would cut every "
-            "length to that. Fix: add trainer.max_steps=null"
-        )
-    if cfg.trainer.warmup_steps is None and cfg.trainer.warmup_ratio:
-        raise UserError(
-            "a shared trunk needs the same warm-up for every length, but trainer.warmup_ratio depends on it. "
-            "Fix: set the warm-up in steps, e.g. trainer.warmup_steps=50"
-        )
     total = math.ceil(cfg.trainer.epochs * trainer.steps_per_epoch())
     return total, branches.fork_step(total, cfg.trainer.cooldown_fraction)
 

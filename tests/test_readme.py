@@ -73,6 +73,9 @@ COMMANDS = {
     ".venv/bin/python train.py model=w2v_bert_2 trainer=gpu_fast dataset=openslr54 "
     "dataset.root=/data/openslr54": "test_gpu_recipes_plan",
     ".venv/bin/python train.py -m trainer.epochs=8,20,40": "test_epoch_grid",
+    ".venv/bin/python train.py -m trainer.epochs=8,20,40 trainer.lr_scheduler=wsd hydra/sweeper=branches": (
+        "test_epoch_grid_sharing_a_trunk"
+    ),
     "make compare": "test_make_compare",
     ".venv/bin/python sweep.py sweep=grid_epochs_lr sweep.workers=2": "test_grid_study_with_two_workers",
     ".venv/bin/python sweep.py sweep.report_only=true": "test_sweep_report_only",
@@ -421,6 +424,30 @@ def test_epoch_grid(checkout, epoch_grid):
 def test_make_compare(checkout, epoch_grid):
     out = checkout.run("make compare").stdout
     assert f"Sweep {epoch_grid}" in out and all(re.search(rf"\b{e}\b", out) for e in (8, 20, 40))
+
+
+def test_epoch_grid_sharing_a_trunk(checkout):
+    """The 8/20/40 grid as one trunk + three branches, at debug size (debug=fast's step cap lifted: a branch
+    grid runs whole epochs)."""
+    command = ".venv/bin/python train.py -m trainer.epochs=8,20,40 trainer.lr_scheduler=wsd hydra/sweeper=branches"
+    result = checkout.run(command, FAST, "trainer.max_steps=null", "trainer.eval_steps=100")
+    trunk_dir = Path(re.search(r"branch\.trunk_dir=(\S+)", result.stdout + result.stderr).group(1))
+    assert trunk_dir.parent == checkout.root / "outputs" / "trunks"  # where a rerun finds it
+    compute = json.loads(sorted((checkout.root / "multirun").glob("*/*/branches.json"))[-1].read_text())
+    # 8 steps per epoch: 64 + 160 + 320 steps alone; the trunk to 256, then 13 + 32 + 64 of cooldown
+    assert compute["independent_steps"] == 544 and compute["compute_steps"] == 256 + 13 + 32 + 64
+    client = checkout.client()
+    parents = client.search_runs(
+        [client.get_experiment_by_name("asr-synthetic_ne").experiment_id],
+        "tags.sweep_role = 'parent'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    children = client.search_runs(
+        [parents[0].info.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'"
+    )
+    assert sorted(c.data.tags.get("branch_role") for c in children) == ["branch", "branch", "branch", "trunk"]
+    assert parents[0].data.metrics["compute_ratio"] == pytest.approx(365 / 544)
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ class BranchesSweeper(BasicSweeper):
         import asr  # noqa: F401  (the ${repo_dir:} resolver)
         from asr import branches
         from asr.cli import fail
+        from asr.errors import UserError
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
@@ -57,10 +58,8 @@ class BranchesSweeper(BasicSweeper):
                 self.config, list(next(iter(by_length.values())))
             )
             try:
-                with_role = first.copy()
-                with_role.branch.role, with_role.branch.trunk_dir = "trunk", "-"
-                branches.role(with_role)  # the schedule check
-            except Exception as err:  # noqa: BLE001  (a UserError: one line, exit 1)
+                branches.check_settings(first)
+            except UserError as err:
                 fail(str(err))
             folder = branches.TrunkFolder(Path(self.trunks_dir).resolve() / branches.trunk_key(first))
             plans.append((folder, sorted(by_length.items())))

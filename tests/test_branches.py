@@ -1,0 +1,234 @@
+"""Epoch grids that share one WSD trunk (`hydra/sweeper=branches`), run as users type them.
+
+A branch must be the same computation as an independent WSD run of its length (same weights at
+the end), the grid must cost fewer optimizer steps than independent runs, MLflow must show the
+trunk and the branches as children of the grid, and a rerun must resume instead of starting over.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import SESSION_DIR, SMALL_CORPUS
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+from transformers import TrainingArguments
+
+from asr import branches
+from asr.errors import ConfigError
+from asr.paths import REPO_DIR
+from asr.trainer import CTCTrainer
+
+GRID = ["trainer.epochs=1,2,4", "trainer.lr_scheduler=wsd", "hydra/sweeper=branches"]
+SIZE = ["debug=fast", "trainer.max_steps=null", *SMALL_CORPUS]  # debug=fast caps steps; a branch grid runs epochs
+
+
+def _train(*args: str, cwd: Path = REPO_DIR) -> subprocess.CompletedProcess:
+    """train.py with `cwd`'s own MLflow store (the default store is the repository's mlflow.db)."""
+    return subprocess.run(
+        [sys.executable, str(REPO_DIR / "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", "MLFLOW_TRACKING_URI": f"sqlite:///{Path(cwd) / 'mlflow.db'}"},
+    )
+
+
+def _lr_curve(fraction: float, shape: str, total: int, warmup: int, hold: bool = False) -> list[float]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    args = TrainingArguments(output_dir=str(SESSION_DIR / "wsd"), warmup_steps=warmup, report_to="none", use_cpu=True)
+    fake = SimpleNamespace(
+        wsd={"cooldown_fraction": fraction, "shape": shape, "hold": hold},
+        lr_scheduler=None,
+        args=args,
+        optimizer=optimizer,
+    )
+    scheduler = CTCTrainer.create_scheduler(fake, total, optimizer)
+    rates = []
+    for _ in range(total):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_wsd_schedule_warms_up_holds_then_cools_down():
+    rates = _lr_curve(0.2, "1-sqrt", total=100, warmup=10)
+    assert rates[0] == 0 and rates[5] == pytest.approx(0.5)  # linear warm-up
+    assert all(r == 1.0 for r in rates[10:80])  # constant until the last 20%
+    assert rates[80] == 1.0 and rates[81] < 1.0 and rates[99] < 0.25  # then down towards 0
+    assert rates[90] == pytest.approx(1 - math.sqrt(0.5))  # 1-sqrt shape: half-way through, 1 - sqrt(0.5)
+    linear = _lr_curve(0.2, "linear", total=100, warmup=10)
+    assert linear[90] == pytest.approx(0.5)
+    held = _lr_curve(0.2, "1-sqrt", total=100, warmup=10, hold=True)  # a trunk: never decays
+    assert all(r == 1.0 for r in held[10:])
+
+
+def test_fork_steps_and_checks():
+    assert branches.fork_step(376, 0.2) == 376 - 75
+    assert branches.fork_step(8, 0.2) == 6 and branches.fork_step(1, 0.2) == 0
+    with pytest.raises(ConfigError, match="cooldown_fraction"):
+        branches.decay_steps(100, 0.0)
+    cfg = OmegaConf.create(
+        {
+            "trainer": {
+                "lr_scheduler": "wsd",
+                "max_steps": None,
+                "warmup_steps": None,
+                "warmup_ratio": 0.1,
+                "cooldown_fraction": 0.2,
+            }
+        }
+    )
+    with pytest.raises(ConfigError, match="trainer.warmup_steps"):
+        branches.check_settings(cfg)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["trainer.max_steps=null"], "Fix: add trainer.lr_scheduler=wsd"),  # the cpu preset's cosine
+        (["trainer.lr_scheduler=wsd"], "Fix: add trainer.max_steps=null"),  # debug=fast caps steps at 30
+    ],
+)
+def test_grid_settings_that_cannot_share_a_trunk_end_in_one_line(tmp_path, extra, message):
+    done = _train(
+        "-m",
+        "trainer.epochs=1,2",
+        "hydra/sweeper=branches",
+        "debug=fast",
+        *extra,
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "tracking.enabled=false",
+    )
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """`python train.py -m trainer.epochs=1,2,4 trainer.lr_scheduler=wsd hydra/sweeper=branches` in a fresh folder."""
+    work = tmp_path_factory.mktemp("branch-grid")
+    for name in ("train.py", "conf"):
+        (work / name).symlink_to(REPO_DIR / name)
+    done = _train("-m", *GRID, *SIZE, "hydra.sweep.dir=multirun/first", cwd=work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work, done
+
+
+def test_branches_share_one_trunk_and_cost_fewer_steps(grid):
+    work, done = grid
+    sweep = work / "multirun" / "first"
+    trunks = list((work / "outputs" / "trunks").iterdir())
+    assert len(trunks) == 1, trunks  # one trunk for the three lengths
+    trunk = branches.TrunkFolder(trunks[0])
+    # 64 utterances in batches of 8: 8 steps per epoch; forks at 8-2, 16-3, 32-6
+    assert sorted(p.name for p in (trunk.path / "forks").iterdir()) == ["step-13", "step-26", "step-6"]
+    compute = json.loads((sweep / "branches.json").read_text())
+    assert compute["independent_steps"] == 8 + 16 + 32
+    assert compute["compute_steps"] == 26 + 2 + 3 + 6  # the trunk once, then each cooldown
+    assert compute["compute_ratio"] <= 0.70
+    results = {}
+    for metrics_file in sweep.glob("*/metrics.json"):
+        metrics = json.loads(metrics_file.read_text())
+        if "test_wer" in metrics:
+            epochs = OmegaConf.load(metrics_file.parent / ".hydra" / "config.yaml").trainer.epochs
+            results[epochs] = metrics
+            assert (metrics_file.parent / "model" / "model.safetensors").is_file()  # saved like any run
+            assert (metrics_file.parent / "predictions_test.jsonl").is_file()
+    assert sorted(results) == [1, 2, 4]
+    assert [results[e]["train_steps"] for e in (1, 2, 4)] == [8, 16, 32]
+    assert [results[e]["fork_step"] for e in (1, 2, 4)] == [6, 13, 26]
+    assert all(trunk.done(e) for e in (1, 2, 4))
+
+
+def test_a_branch_is_the_independent_wsd_run_of_its_length(grid, tmp_path):
+    """Up to its fork a WSD run is the trunk, so the branch must end where an independent run ends."""
+    work, _ = grid
+    done = _train(
+        "trainer.epochs=2",
+        "trainer.lr_scheduler=wsd",
+        *SIZE,
+        f"hydra.run.dir={tmp_path / 'alone'}",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    alone = json.loads((tmp_path / "alone" / "metrics.json").read_text())
+    branch = branches.TrunkFolder(next((work / "outputs" / "trunks").iterdir())).done(2)
+    # the final evaluation (step 16) of both: same weights, same dev loss
+    final = lambda folder: [  # noqa: E731
+        e
+        for e in json.loads(next(Path(folder).glob("checkpoints/checkpoint-16/trainer_state.json")).read_text())[
+            "log_history"
+        ]
+        if "eval_loss" in e and e["step"] == 16
+    ][0]["eval_loss"]
+    trunk_path = next((work / "outputs" / "trunks").iterdir())
+    assert final(trunk_path / "branches" / "2") == pytest.approx(final(tmp_path / "alone"), rel=1e-5)
+    assert branch["test_wer"] == pytest.approx(alone["test_wer"])
+
+
+def test_mlflow_shows_the_trunk_and_branches_under_the_grid(grid):
+    work, _ = grid
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("asr-synthetic_ne").experiment_id
+    parent = client.search_runs([experiment], "tags.sweep_role = 'parent'")[0]
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    roles = sorted(run.data.tags.get("branch_role") for run in children)
+    assert roles == ["branch", "branch", "branch", "trunk"]  # one trunk run across its three trunk jobs
+    trunk = next(run for run in children if run.data.tags["branch_role"] == "trunk")
+    for run in children:
+        if run.data.tags["branch_role"] == "branch":
+            assert run.data.tags["branch_of"] == trunk.info.run_id
+            assert run.data.tags["fork_step"] in ("6", "13", "26")
+            assert "test_wer" in run.data.metrics and run.info.status == "FINISHED"
+    assert parent.data.metrics["compute_ratio"] <= 0.70
+    assert parent.data.metrics["independent_steps"] == 56
+    summary = list(csv.DictReader(open(work / "multirun" / "first" / "summary.csv")))
+    assert sorted(row["role"] for row in summary) == ["branch", "branch", "branch", "trunk"]
+    assert parent.data.tags["best_run_id"] != trunk.info.run_id  # the trunk is not a result
+
+
+def test_rerun_resumes_the_trunk_and_skips_finished_branches(grid):
+    work, _ = grid
+    trunk = branches.TrunkFolder(next((work / "outputs" / "trunks").iterdir()))
+    first_4 = trunk.done(4)
+    # as if the job training the trunk's last stretch had been killed: no fork at 26, no branch of 4
+    shutil.rmtree(trunk.fork(26))
+    shutil.rmtree(trunk.checkpoints / "checkpoint-26")
+    shutil.rmtree(trunk.branch(4))
+    done = _train("-m", *GRID, *SIZE, "hydra.sweep.dir=multirun/second", cwd=work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "Trunk: steps 13 → 26" in output  # from the fork at 13, not from 0
+    assert output.count("finished earlier") == 2  # the branches of 1 and 2 epochs
+    compute = json.loads((work / "multirun" / "second" / "branches.json").read_text())
+    assert compute["compute_steps"] == 13 + 6
+    assert trunk.done(4)["test_wer"] == pytest.approx(first_4["test_wer"])  # the same result again
+
+
+def test_branches_run_as_separate_jobs_with_a_parallel_launcher(tmp_path):
+    work = tmp_path
+    for name in ("train.py", "conf"):
+        (work / name).symlink_to(REPO_DIR / name)
+    done = _train(
+        "-m", "trainer.epochs=1,2", "trainer.lr_scheduler=wsd", "hydra/sweeper=branches",
+        "hydra/launcher=local_parallel", *SIZE, "hydra.sweep.dir=multirun/parallel", cwd=work,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    sweep = work / "multirun" / "parallel"
+    assert json.loads((sweep / "branches.json").read_text())["compute_steps"] == 13 + 2 + 3
+    logs = sorted(sweep.glob(".submitit/*/*_log.err"))
+    assert len({p.parent.name for p in logs}) == 4  # trunk, trunk + branch of 1, branch of 2: own processes
