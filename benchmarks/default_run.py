@@ -1,6 +1,6 @@
 """The default run (`python train.py`) before and after a change of defaults: wall time and test WER/CER.
 
-    .venv/bin/python benchmarks/default_run.py                     # 2 rounds, ~10 min on 2 cores
+    .venv/bin/python benchmarks/default_run.py                     # 2 rounds, ~17 min on 2 cores
     .venv/bin/python benchmarks/default_run.py --rounds 3 --seeds 42 7
 
 Two arms, each the whole `python train.py` command in a fresh process (imports, corpus and feature
