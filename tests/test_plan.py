@@ -111,7 +111,7 @@ def test_plan_prefers_mlflow_runs_of_the_same_settings(tmp_path, monkeypatch, no
     result = estimate(cfg, "cpu", "0", "")
     assert result.source == "MLflow: 1 earlier run(s) of these settings"
     assert result.audio_hours == 1500 * 2.5 / 3600
-    steps_per_epoch = 1500 / (cfg.trainer.batch_size * cfg.trainer.grad_accum)
+    steps_per_epoch = 1500 * 2.5 / cfg.trainer.batch_seconds / cfg.trainer.grad_accum  # batches by audio seconds
     assert abs(result.epochs - 30 / steps_per_epoch) < 1e-9  # debug=fast: max_steps caps the epochs
     assert result.gpu_hours > 0
 

@@ -179,24 +179,38 @@ def test_pruner_stops_an_absurd_learning_rate_before_its_last_evaluation(tmp_pat
     )
 
 
-def test_out_of_memory_retries_once_with_half_the_batch_and_twice_the_accumulation(tmp_path):
+@pytest.mark.parametrize(
+    ("batching", "first", "retry", "retry_attr"),
+    [
+        ("trainer.batch_seconds=null", (8, None, 1), (4, None, 2), "batch_size=4"),  # batches by count
+        ("trainer.batch_seconds=20", (8, 20, 1), (8, 10.0, 2), "batch_size=8 batch_seconds=10.0"),  # by seconds
+    ],
+)
+def test_out_of_memory_retries_once_with_half_the_batch_and_twice_the_accumulation(
+    tmp_path, batching, first, retry, retry_attr
+):
     args = study_args(
-        tmp_path, "oom", "params:\n  trainer.lr: choice(0.003)\n", "sweep.n_trials=1", "tracking.enabled=false"
+        tmp_path,
+        "oom",
+        "params:\n  trainer.lr: choice(0.003)\n",
+        "sweep.n_trials=1",
+        "tracking.enabled=false",
+        batching,
     )
     calls = []
 
     def fake_train(cfg, output_dir, **kwargs):
-        calls.append((cfg.trainer.batch_size, cfg.trainer.grad_accum))
+        calls.append((cfg.trainer.batch_size, cfg.trainer.get("batch_seconds"), cfg.trainer.grad_accum))
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return {"eval_wer": 0.5, "train_steps": 30}
 
     spec = spec_for(args)
     work(spec, train_fn=fake_train)
-    assert calls == [(8, 1), (4, 2)]
+    assert calls == [first, retry]
     trial = load_study(spec).get_trials()[0]
     assert trial.state == TrialState.COMPLETE and trial.value == 0.5
-    assert trial.user_attrs["oom_retry"].startswith("batch_size=4") and "grad_accum=2" in trial.user_attrs["oom_retry"]
+    assert trial.user_attrs["oom_retry"].startswith(retry_attr) and "grad_accum=2" in trial.user_attrs["oom_retry"]
 
 
 # ---- parallel workers, grids, failures, MLflow ---------------------------------------------------
