@@ -98,7 +98,7 @@ def test_fork_steps_and_checks():
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["trainer.max_steps=null"], "Fix: add trainer.lr_scheduler=wsd"),  # the cpu preset's cosine
+        (["trainer.max_steps=null", "trainer.lr_scheduler=cosine"], "Fix: add trainer.lr_scheduler=wsd"),
         (["trainer.lr_scheduler=wsd"], "Fix: add trainer.max_steps=null"),  # debug=fast caps steps at 30
     ],
 )
