@@ -234,7 +234,7 @@ def test_scancel_worker_mid_trial_then_rerun(cluster, tmp_path):
             sweep_dir,
             "sweep.n_trials=2",
             "sweep.pruner.name=none",
-            "trainer.max_steps=40",
+            "trainer.max_steps=200",  # long enough that scancel lands mid-trial
             "sweep.heartbeat_interval=1",
             "sweep.grace_period=6",
         ),
