@@ -72,7 +72,11 @@ def check_settings(cfg: DictConfig) -> None:
 
 def decay_steps(total_steps: int, cooldown_fraction: float) -> int:
     """Steps of the final decay of a WSD run of `total_steps` (at least 1)."""
-    if not 0 < cooldown_fraction <= 1:
+    if (
+        isinstance(cooldown_fraction, bool)
+        or not isinstance(cooldown_fraction, (int, float))
+        or not 0 < cooldown_fraction <= 1
+    ):
         raise ConfigError(
             f"trainer.cooldown_fraction={cooldown_fraction} must be in (0, 1]. Fix: e.g. trainer.cooldown_fraction=0.2"
         )

@@ -178,11 +178,11 @@ def wsd_settings(cfg: DictConfig) -> dict | None:
     """trainer.lr_scheduler=wsd: the cooldown's share and shape (None for the Trainer's own schedules)."""
     if cfg.lr_scheduler != "wsd":
         return None
-    shape = cfg.get("cooldown_shape", "1-sqrt")
+    shape, fraction = cfg.get("cooldown_shape"), cfg.get("cooldown_fraction")
     if shape not in WSD_SHAPES:
         raise ConfigError(f"trainer.cooldown_shape={shape!r} is not a decay shape. Fix: one of {', '.join(WSD_SHAPES)}")
-    decay_steps(1, cfg.get("cooldown_fraction", 0.2))  # checks the fraction
-    return {"cooldown_fraction": cfg.get("cooldown_fraction", 0.2), "shape": shape, "hold": False}
+    decay_steps(1, fraction)  # checks the fraction
+    return {"cooldown_fraction": fraction, "shape": shape, "hold": False}
 
 
 def ddp_on_cpu() -> bool:

@@ -318,7 +318,7 @@ def _train_trunk(
 ) -> dict[str, float]:
     """Train the trunk at the constant rate up to the fork of trainer.epochs and keep that checkpoint."""
     trainer, throughput = build_trainer(cfg, output_dir, model, features, processor, tracker, callbacks)
-    total, fork = _fork_of(cfg, trainer)
+    _, fork = _fork_of(cfg, trainer)
     start = trunk.latest_start(fork)
     start_step = branches.checkpoint_step(start) if start else 0
     metrics = {"trunk_start_step": start_step, "trunk_end_step": fork, "trunk_steps": fork - start_step}

@@ -109,8 +109,6 @@ class BranchesSweeper(BasicSweeper):
 
     def _record_compute(self, plans, results, sweep_dir: Path) -> None:
         """Optimizer steps and real audio seconds this grid trained, against independent runs of each length."""
-        from asr.branches import TrunkFolder  # noqa: F401
-
         used_steps = used_audio = independent_steps = independent_audio = 0.0
         for result in results:
             metrics_file = Path(result.hydra_cfg.hydra.runtime.output_dir) / "metrics.json"
