@@ -29,6 +29,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from asr.errors import ConfigError
+from asr.requeue import is_complete
 
 ROLES = ("trunk", "branch")
 DONE_FILE = "done.json"
@@ -122,7 +123,7 @@ class TrunkFolder:
         for folder in (self.path / "forks", self.checkpoints):
             for child in folder.glob("*-*") if folder.is_dir() else ():
                 step = _step_of(child)
-                if step is not None and step <= until_step and (child / "trainer_state.json").is_file():
+                if step is not None and step <= until_step and is_complete(child):
                     candidates.append((step, child))
         return max(candidates)[1] if candidates else None
 

@@ -174,6 +174,7 @@ class MlflowRun:
         self.client: MlflowClient | None = None
         self.run_id: str | None = None
         self.reopened = False
+        self.logged_until = -1  # a reopened run: the last step it has metrics at (not logged again)
         self.sweep = sweep
         if not tracking_cfg.enabled:
             return
@@ -182,6 +183,7 @@ class MlflowRun:
             try:
                 self.client.update_run(reopen, status="RUNNING")
                 self.run_id, self.reopened = reopen, True
+                self.logged_until = self._last_step()
                 log.info("MLflow run %s continued", reopen)
                 return
             except MlflowException:
@@ -205,6 +207,17 @@ class MlflowRun:
             self.client.tracking_uri,
             tracking_cfg.experiment,
         )
+
+    def _last_step(self) -> int:
+        metrics = self.client.get_run(self.run_id).data.metrics
+        steps = [m.step for key in metrics for m in self.client.get_metric_history(self.run_id, key)]
+        return max(steps, default=-1)
+
+    def metric(self, key: str) -> float | None:
+        return self.client.get_run(self.run_id).data.metrics.get(key) if self.reopened else None
+
+    def tag(self, key: str) -> str | None:
+        return self.client.get_run(self.run_id).data.tags.get(key) if self.client else None
 
     def log_config(self, cfg: DictConfig) -> None:
         if not self.client:
@@ -237,8 +250,11 @@ class MlflowRun:
             self.client.set_tag(self.run_id, key, value)
 
     def end(self, status: str) -> None:
-        """FINISHED / FAILED / KILLED, so no run is left RUNNING after a crash or Ctrl-C."""
-        if self.client:
+        """FINISHED / FAILED / KILLED, so no run is left RUNNING after a crash or Ctrl-C; SCHEDULED: the
+        job was requeued and its next allocation reopens the run."""
+        if self.client and status == "SCHEDULED":
+            self.client.update_run(self.run_id, status=status)
+        elif self.client:
             self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
 
 
@@ -251,11 +267,11 @@ class MlflowMetricsCallback(TrainerCallback):
 
     def __init__(self, run: MlflowRun) -> None:
         self.run = run
-        self.best_eval_wer = float("inf")
+        self.best_eval_wer = run.metric("best_eval_wer") or float("inf")  # a reopened run goes on from its minimum
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not (state.is_world_process_zero and logs):
-            return
+        if not (state.is_world_process_zero and logs) or state.global_step <= self.run.logged_until:
+            return  # a requeued run recomputing steps an earlier allocation logged: no duplicate points
         logs = dict(logs)
         if "eval_wer" in logs:
             self.best_eval_wer = min(self.best_eval_wer, logs["eval_wer"])

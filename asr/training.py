@@ -6,10 +6,7 @@ import json
 import logging
 import math
 import os
-import signal
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -20,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from asr import branches
+from asr import branches, requeue
 from asr.audit import run_audit
 from asr.data import fingerprint
 from asr.data.text import NORMALIZATION_VERSION
@@ -33,6 +30,8 @@ from asr.tracking import MlflowRun, SweepJob
 from asr.trainer import RunPruned, build_trainer, configure_torch, ddp_on_cpu
 
 log = logging.getLogger(__name__)
+
+RUN_RECORD = "mlflow_run.json"  # in a run's output folder: its MLflow run id, tracking URI and submitit job id
 
 
 def best_eval(log_history: list[dict], after_step: int = 0) -> dict[str, float]:
@@ -73,20 +72,13 @@ def _main_process_first():
         yield
 
 
-@contextmanager
-def _sigterm_exits():
-    """SIGTERM (SLURM's scancel, a time limit) ends the job via SystemExit: its run is closed KILLED."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-    ):
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+def _run_record(output_dir: Path) -> dict | None:
+    """mlflow_run.json of an earlier start of this run: its MLflow run and the submitit job that wrote it."""
+    path = output_dir / RUN_RECORD
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def run(
@@ -116,23 +108,36 @@ def run(
         run_name = f"trunk of {' '.join(o for o in overrides if not o.startswith('trainer.epochs=')) or 'defaults'}"
     tracking_cfg = cfg.tracking if rank == 0 else OmegaConf.create({"enabled": False})
     trunk = branches.TrunkFolder(cfg.branch.trunk_dir) if job_role else None
+    record = _run_record(output_dir)
+    restart = requeue.is_restart(record)  # SLURM requeued this job (time limit, preemption): go on where it stopped
+    if restart and job_role != "trunk":  # a trunk resumes from its own latest checkpoint
+        found = requeue.latest_checkpoint(output_dir / "checkpoints", drop_incomplete=True)
+        resume_from_checkpoint = found or resume_from_checkpoint
+        log.info("Requeued job %s: resuming from %s", requeue.job_id(), found or "the start (no checkpoint yet)")
+    reopen = trunk.trunk_run_id() if job_role == "trunk" else (record["run_id"] if restart else None)
     tracker = MlflowRun(
         tracking_cfg,
         run_name,
         {"dataset": cfg.dataset.name, "model": cfg.model.name, "overrides": " ".join(overrides)},
         sweep=sweep_job if rank == 0 else None,
-        reopen=trunk.trunk_run_id() if job_role == "trunk" else None,  # one MLflow run for the whole trunk
+        reopen=reopen,  # one MLflow run for the whole trunk, and for every allocation of a requeued job
     )
     if job_role == "trunk" and tracker.run_id:
         trunk.set_trunk_run_id(tracker.run_id)
         tracker.set_tag("branch_role", "trunk")
         tracker.set_tag("trunk_dir", str(trunk.path.resolve()))
+    if restart and tracker.reopened:
+        tracker.set_tag("restarts", str(int(tracker.tag("restarts") or 0) + 1))
     if tracker.run_id:  # lets `asr.evaluate run_dir=...` file its results next to this run
-        (output_dir / "mlflow_run.json").write_text(
-            json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.client.tracking_uri})
+        (output_dir / RUN_RECORD).write_text(
+            json.dumps(
+                {"run_id": tracker.run_id, "tracking_uri": tracker.client.tracking_uri, "job_id": requeue.job_id()}
+            )
         )
         tracker.set_tag("output_dir", str(output_dir.resolve()))
-    with _sigterm_exits():
+    interruption = requeue.Interruption()
+    callbacks = [*callbacks, interruption.callback]
+    with interruption:
         try:
             if not tracker.reopened:
                 tracker.log_config(cfg)
@@ -156,11 +161,15 @@ def run(
                 work_dir / "data_audit.json",
                 allow_missing=cfg.dataset.get("allow_missing_audio", False),
             )
-            tracker.log_metrics(
-                {"audit_quarantined": audit["quarantined"], **{f"audit_{k}": v for k, v in audit["by_reason"].items()}},
-                step=0,
-            )
-            tracker.log_artifact(output_dir / "data_audit.json")
+            if not tracker.reopened:
+                tracker.log_metrics(
+                    {
+                        "audit_quarantined": audit["quarantined"],
+                        **{f"audit_{k}": v for k, v in audit["by_reason"].items()},
+                    },
+                    step=0,
+                )
+                tracker.log_artifact(output_dir / "data_audit.json")
             if job_role == "trunk":
                 metrics = _train_trunk(cfg, output_dir, model, features, processor, tracker, trunk, callbacks)
             else:
@@ -171,8 +180,12 @@ def run(
             tracker.set_tag("trial_state", "PRUNED")
             tracker.end("FINISHED")
             raise
-        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM from SLURM's scancel / a timeout
-            tracker.end("KILLED")
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (scancel, the time limit), or a requeue
+            if interruption.requeuing:  # the next allocation reopens this run
+                tracker.set_tag("requeued", "true")
+                tracker.end("SCHEDULED")
+            else:
+                tracker.end("KILLED")
             raise
         except Exception as err:
             tracker.set_tag(

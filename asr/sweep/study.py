@@ -27,6 +27,7 @@ from optuna.exceptions import StorageInternalError
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
+from asr import requeue
 from asr.paths import REPO_DIR
 from asr.sweep.pruning import OptunaPruningCallback, build_pruner
 from asr.sweep.space import SearchSpace, format_value, to_overrides
@@ -161,9 +162,7 @@ def compose_train_config(overrides: list[str]) -> DictConfig:
 
 def latest_checkpoint(trial_dir: Path) -> str | None:
     """The newest complete checkpoint: a worker killed while saving leaves one without trainer_state.json."""
-    checkpoints = sorted((trial_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
-    complete = [c for c in checkpoints if (c / "trainer_state.json").is_file()]
-    return str(complete[-1]) if complete else None
+    return requeue.latest_checkpoint(trial_dir / "checkpoints")
 
 
 def trial_dir(spec: SweepSpec, number: int) -> Path:
