@@ -103,7 +103,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes_the_same_run(tmp_path):
 
     log = next((tmp_path / "requeued" / ".submitit").glob("*/*_0_log.out")).read_text()
     saved = int(log.split("Checkpoint saved at step ")[1].split(";")[0])
-    assert 50 <= saved < 200 and "Requeued job" in log and f"resuming from" in log, log[-3000:]
+    assert 50 <= saved < 200 and "Requeued job" in log and "resuming from" in log, log[-3000:]
     assert f"checkpoint-{saved}" in log.split("resuming from", 1)[1].splitlines()[0]
 
     expected = json.loads((tmp_path / "plain" / "0" / "metrics.json").read_text())
