@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import statistics
 import sys
 from dataclasses import dataclass
@@ -277,13 +278,45 @@ def shared_trunk_line(jobs: list[tuple[str, list[str], list[str]]], plans: list[
     )
 
 
+def allocation_lines(plans: list[JobPlan], launcher: DictConfig | None) -> list[str]:
+    """A SLURM launcher's time limit against each job's GPU-hours: how many allocations (a job
+    requeued on its time limit resumes from its checkpoint, asr/requeue.py) and whether
+    `max_num_timeout` allows them."""
+    if launcher is None or not launcher.get("timeout_min"):
+        return []
+    usable_h = (launcher.timeout_min - launcher.get("signal_delay_s", 0) / 60) / 60
+    allowed = int(launcher.get("max_num_timeout") or 0) + 1
+    lines = []
+    for plan in plans:
+        if plan.gpu_hours is None or usable_h <= 0:
+            continue
+        needed = max(1, math.ceil(plan.gpu_hours / usable_h))
+        line = (
+            f"job {plan.job}: {plan.gpu_hours:,.1f} GPU-h in allocations of {launcher.timeout_min / 60:g} h: {needed}"
+        )
+        if needed > allowed:
+            line = (
+                f"WARNING: {line}, but hydra.launcher.max_num_timeout={allowed - 1} allows {allowed}: it would stop "
+                f"unfinished. Fix: hydra.launcher.max_num_timeout={needed} (or a longer timeout_min)"
+            )
+        lines.append(line)
+    return lines
+
+
 def print_plan(
-    jobs: list[tuple[str, list[str], list[str]]], title: str, multiplier: int = 1, cooldown: float | None = None
+    jobs: list[tuple[str, list[str], list[str]]],
+    title: str,
+    multiplier: int = 1,
+    cooldown: float | None = None,
+    launcher: DictConfig | None = None,
 ) -> int:
     """Print the table (and what trainer=gpu_fast would take); 1 if any job does not compose.
-    `cooldown`: the grid shares a trunk (hydra/sweeper=branches), with this cooldown fraction."""
+    `cooldown`: the grid shares a trunk (hydra/sweeper=branches), with this cooldown fraction.
+    `launcher`: a SLURM launcher's config: each job's allocations under its time limit."""
     plans = plan_jobs(jobs)
     print(render(plans, title, multiplier))
+    for line in allocation_lines(plans, launcher):
+        print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout)
     if cooldown is not None and not any(p.error for p in plans):
         print(shared_trunk_line(jobs, plans, cooldown))
     fast = [(n, [*o, "trainer=gpu_fast"], s) for n, o, s in jobs if not any(x.startswith("trainer=") for x in o)]
@@ -323,7 +356,9 @@ class PlanCallback(Callback):
             raise SystemExit(1) from None
         shared = "asr_branches_sweeper" in str(config.hydra.sweeper.get("_target_", ""))
         title = f"Plan of `train.py -m` ({launcher}): {' '.join(overrides)}"
-        raise SystemExit(print_plan(jobs, title, cooldown=config.trainer.cooldown_fraction if shared else None))
+        cooldown = config.trainer.cooldown_fraction if shared else None
+        slurm = config.hydra.launcher if "Slurm" in launcher else None
+        raise SystemExit(print_plan(jobs, title, cooldown=cooldown, launcher=slurm))
 
 
 def study_jobs(spec) -> tuple[list[tuple[str, list[str], list[str]]], int, str]:

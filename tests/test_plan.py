@@ -48,6 +48,27 @@ def test_seed_grid_on_openslr54_plans_near_140_gpu_hours(tmp_path):
     assert 5 <= total(out, "with trainer=gpu_fast:") <= 20, out
     assert "our H200 measurement" in out and "approximate figure (165 h)" in out and "absent" in out
     assert "nothing submitted" in out and not (sweep_dir / ".submitit").exists()
+    # 48 h allocations (less the 5-minute warning): the 40-epoch job needs more than one, within max_num_timeout
+    allocations = dict(re.findall(r"^job (\d): [\d.,]+ GPU-h in allocations of 48 h: (\d+)$", out, re.M))
+    assert sorted(allocations) == ["0", "1", "2"] and int(allocations["2"]) >= 2, out
+
+
+def test_plan_warns_when_the_time_limit_allows_too_few_allocations(tmp_path):
+    result = plan(
+        "train.py",
+        "-m",
+        "hydra/launcher=slurm",
+        "experiment=seed_8_20_40",
+        "dataset=openslr54",
+        "hydra.launcher.timeout_min=600",
+        "hydra.launcher.max_num_timeout=0",
+        "plan=true",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        tmp_path=tmp_path,
+    )
+    assert re.search(
+        r"WARNING: job 2: .* allows 1: it would stop unfinished. Fix: hydra.launcher.max_num_timeout=", result.stderr
+    )
 
 
 @pytest.fixture
