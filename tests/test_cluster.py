@@ -8,12 +8,14 @@ these tests skip with one line saying what to install.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -302,3 +304,71 @@ def test_grid_job_cancelled_before_its_result_fails_the_sweep(cluster, tmp_path)
     assert driver.returncode != 0 and "ended without a result (CANCELLED)" in out, out[-3000:]
     parents = [r for r in runs_of(env, "cluster-grid-cancel") if r.data.tags.get("sweep_role") == "parent"]
     assert [r.info.status for r in parents] == ["FAILED"]
+
+
+def _start_requeued_jobs_now(env: dict, stop: threading.Event) -> None:
+    """SLURM holds a requeued job ~2 minutes before it may start again (its BeginTime): on this one-node
+    cluster, start it at once, so that three allocations fit in a test."""
+    while not stop.wait(0.5):
+        out = subprocess.run(["squeue", "-h", "-o", "%i|%r"], capture_output=True, text=True, env=env).stdout
+        for job_id in [line.split("|")[0] for line in out.split() if line.endswith("|BeginTime")]:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, env=env)
+
+
+def test_job_longer_than_its_time_limit_and_requeued_finishes_in_one_run(cluster, tmp_path):
+    """A grid job with a 1-minute time limit and ~3 allocations of work, also requeued by hand mid-training
+    (`scontrol requeue`, what preemption and node failures do): after the requeue its MLflow run is KILLED,
+    not RUNNING; each time-limit warning saves a checkpoint and requeues; every allocation resumes the same
+    run from its newest checkpoint, and the grid ends with one FINISHED child at the planned step count."""
+    env = {**cluster, "MLFLOW_EXPERIMENT_NAME": "cluster-requeue"}
+    sweep_dir = tmp_path / "grid"
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        *SLURM,
+        "hydra.launcher.timeout_min=1",
+        "hydra.launcher.signal_delay_s=30",
+        "trainer.epochs=1",
+        "debug=fast",
+        "trainer.max_steps=500",
+        "trainer.eval_steps=50",
+        *SMALL_CORPUS,
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    driver = subprocess.Popen(cmd, cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stop = threading.Event()
+    try:
+        deadline = time.monotonic() + 120
+        while not list((sweep_dir / "0" / "checkpoints").glob("checkpoint-*/trainer_state.json")):
+            assert time.monotonic() < deadline and driver.poll() is None, "the job never saved a checkpoint"
+            time.sleep(0.2)
+        [job] = [p for p in (sweep_dir / ".submitit").iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name)]
+        subprocess.run(["scontrol", "requeue", job.name], check=True, env=env)
+        while (
+            "PENDING"
+            not in subprocess.run(
+                ["squeue", "-h", "-j", job.name, "-o", "%T"], capture_output=True, text=True, env=env
+            ).stdout
+        ):
+            time.sleep(0.2)
+        [child] = [r for r in runs_of(env, "cluster-requeue") if r.data.tags.get("sweep_role") == "job"]
+        assert child.info.status == "KILLED"  # SIGTERM under submitit: closed, not a ghost RUNNING run
+        threading.Thread(target=_start_requeued_jobs_now, args=(env, stop), daemon=True).start()
+        out, _ = driver.communicate(timeout=480)
+    finally:
+        stop.set()
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, out[-5000:]
+    log = next(job.glob("*_log.out")).read_text()
+    assert "Checkpoint saved at step" in log and "this job is timed-out" in log, log[-3000:]
+    runs = runs_of(env, "cluster-requeue")
+    [child] = [r for r in runs if r.data.tags.get("sweep_role") == "job"]
+    assert child.info.status == "FINISHED" and int(child.data.tags["restarts"]) >= 2
+    steps = [m.step for m in client(env).get_metric_history(child.info.run_id, "loss")]
+    assert len(steps) == len(set(steps)) and max(steps) == 500
+    metrics = json.loads((sweep_dir / "0" / "metrics.json").read_text())
+    assert metrics["train_steps"] == 500
+    [parent] = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+    assert parent.info.status == "FINISHED"

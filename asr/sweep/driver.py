@@ -91,12 +91,12 @@ def submitit_executor(launcher: DictConfig, folder: Path):
 
 def run_submitit_workers(spec_path: Path, workers: int, launcher: DictConfig) -> None:
     """The workers as one submitit job array (SLURM, or submitit's local executor)."""
-    from asr.sweep.worker import main as worker_main
+    from asr.sweep.worker import Worker
 
     executor = submitit_executor(launcher, spec_path.parent / "submitit")
     # submitit's local executor shares this machine's cores between the workers; SLURM jobs have their own.
     threads = max(1, (os.cpu_count() or 1) // workers) if executor.cluster == "local" else None
-    jobs = executor.map_array(worker_main, [str(spec_path)] * workers, list(range(workers)), [threads] * workers)
+    jobs = executor.map_array(Worker(), [str(spec_path)] * workers, list(range(workers)), [threads] * workers)
     log.info("submitted %d workers: %s", workers, ", ".join(job.job_id for job in jobs))
     try:
         for job, _, err in wait_all(jobs):  # also returns for a job cancelled or killed before writing its result

@@ -95,9 +95,10 @@ def enqueue_grid(study: optuna.Study, space: SearchSpace) -> int:
     return added
 
 
-def requeue_interrupted(study: optuna.Study, max_retry: int | None) -> int:
-    """Trials stopped by Ctrl-C/SIGTERM are queued again, like a dead worker's: same parameters,
-    resumed from their last checkpoint, and not counted against n_trials."""
+def requeue_interrupted(study: optuna.Study, max_retry: int | None, job: str | None = None) -> int:
+    """Trials stopped by Ctrl-C/SIGTERM/a requeue are queued again, like a dead worker's: same parameters,
+    resumed from their last checkpoint, and not counted against n_trials. `job`: only those that this
+    submitit job stopped (a requeued worker taking its own trial back)."""
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
     todo = [
@@ -105,6 +106,7 @@ def requeue_interrupted(study: optuna.Study, max_retry: int | None) -> int:
         for t in trials
         if t.state in (TrialState.FAIL, TrialState.RUNNING)
         and t.user_attrs.get(INTERRUPTED)
+        and (job is None or t.user_attrs[INTERRUPTED] == job)
         and t.number not in retried
     ]
     with warnings.catch_warnings():
@@ -177,6 +179,15 @@ def _mlflow_run_id(output_dir: Path) -> str | None:
 def _tag_child(spec: SweepSpec, run_id: str | None, state: str) -> None:
     if run_id and spec.tracking.get("enabled"):
         MlflowClient(tracking_uri(spec.tracking.get("uri"))).set_tag(run_id, "trial_state", state)
+
+
+def _end_requeued_child(spec: SweepSpec, run_id: str | None) -> None:
+    """A trial's run left SCHEDULED by a requeue ends KILLED: the trial comes back as a new trial."""
+    if run_id and spec.tracking.get("enabled"):
+        client = MlflowClient(tracking_uri(spec.tracking.get("uri")))
+        if client.get_run(run_id).info.status == "SCHEDULED":
+            client.set_tag(run_id, "trial_state", "REQUEUED")
+            client.set_terminated(run_id, status="KILLED")
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -274,8 +285,9 @@ def make_objective(spec: SweepSpec, train_fn=None):
             return float(value)
         except RunPruned as pruned:
             raise optuna.TrialPruned(str(pruned)) from pruned
-        except (KeyboardInterrupt, SystemExit):  # Ctrl-C / SIGTERM / scancel: re-queued on the next start
-            trial.set_user_attr(INTERRUPTED, True)
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C / SIGTERM / scancel / a requeue: re-queued on the next start
+            trial.set_user_attr(INTERRUPTED, requeue.job_id() or True)
+            _end_requeued_child(spec, _mlflow_run_id(out))
             raise
         except Exception as err:
             trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:2000])
@@ -344,6 +356,8 @@ def work(spec: SweepSpec, worker: int = 0, train_fn=None) -> int:
         1, min(3, spec.study["heartbeat_interval"] or 3)
     )  # an idle worker exits at most this long after the last trial
     log.info("worker %d (pid %d) joins study %r: %d trials in all", worker, os.getpid(), study.study_name, total)
+    if (job := requeue.job_id()) and (taken := requeue_interrupted(study, spec.study["max_retry"], job=job)):
+        log.info("worker %d: requeued job %s queues its interrupted trial again (%d)", worker, job, taken)
     while True:
         try:
             with warnings.catch_warnings():

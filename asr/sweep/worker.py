@@ -29,6 +29,20 @@ def main(spec_path: str, index: int = 0, threads: int | None = None) -> int:
     return work(SweepSpec.load(Path(spec_path)), worker=int(index))
 
 
+class Worker:
+    """A worker as a submitit job (the driver's SLURM job array). submitit requeues a job whose callable
+    has `checkpoint` when SLURM warns of its time limit or a preemption: the running trial saves a
+    checkpoint first (asr/requeue.py), and the requeued worker queues that trial again, resumed from it."""
+
+    def __call__(self, spec_path: str, index: int = 0, threads: int | None = None) -> int:
+        return main(spec_path, index, threads)
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         raise SystemExit("usage: python -m asr.sweep.worker <sweep_spec.json> <worker index>")
