@@ -130,3 +130,49 @@ def test_sigterm_closes_the_run_killed_under_submitit(tmp_path):
     assert result.returncode != 0
     [child] = _child_runs("requeue-sigterm")
     assert child.info.status == "KILLED"
+
+
+def test_sweep_worker_requeued_on_the_warning_signal_resumes_its_trial(tmp_path):
+    """A study's worker as a submitit job gets the warning signal mid-trial: the trial saves a checkpoint,
+    submitit requeues the worker, and the requeued worker runs the trial again from that checkpoint;
+    the study ends with its one trial COMPLETE, the interrupted trial's MLflow run KILLED, not RUNNING."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    sweep_dir = tmp_path / "study"
+    cmd = [
+        sys.executable,
+        "sweep.py",
+        "hydra/launcher=local_parallel",
+        "sweep.workers=1",
+        "sweep.n_trials=1",
+        "sweep.pruner.name=none",
+        "sweep.study_name=requeued_worker",
+        f"sweep.dir={sweep_dir}",
+        "tracking.experiment=requeue-worker",
+        "debug=fast",
+        "trainer.max_steps=200",
+        "trainer.eval_steps=50",
+        *SMALL_CORPUS,
+    ]
+    driver = subprocess.Popen(cmd, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(sweep_dir.glob("trial_0000/checkpoints/checkpoint-*/trainer_state.json")):
+            assert time.monotonic() < deadline and driver.poll() is None, "the trial never saved a checkpoint"
+            time.sleep(0.2)
+        os.kill(_job_pid(sweep_dir), signal.SIGUSR2)
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, out[-3000:]
+    study = optuna.load_study(study_name="requeued_worker", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    first, retry = study.trials
+    assert first.state.name == "FAIL" and first.user_attrs["interrupted"]
+    assert retry.state.name == "COMPLETE" and retry.system_attrs["retry_history"] == [0]
+    saved = json.loads((Path(retry.user_attrs["resumed_from"]) / "trainer_state.json").read_text())["global_step"]
+    assert 50 <= saved < 200 and retry.user_attrs["metrics"]["train_steps"] == 200
+    client = MlflowClient()
+    assert client.get_run(first.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    assert client.get_run(retry.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
