@@ -15,7 +15,6 @@ from pathlib import Path
 from datasets import DatasetDict
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from asr import branches, requeue
 from asr.audit import run_audit
@@ -299,7 +298,7 @@ def _start_branch(cfg: DictConfig, trainer, tracker: MlflowRun, trunk: branches.
     total, fork = _fork_of(cfg, trainer)
     own = trunk.branch(cfg.trainer.epochs) / "checkpoints"
     trainer.args.output_dir = str(own)
-    resume = get_last_checkpoint(str(own)) if own.is_dir() else None
+    resume = requeue.latest_checkpoint(own, drop_incomplete=True)
     if resume is None:
         if not (trunk.fork(fork) / "trainer_state.json").is_file():
             raise UserError(
