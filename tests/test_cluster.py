@@ -316,8 +316,9 @@ def _start_requeued_jobs_now(env: dict, stop: threading.Event) -> None:
 
 
 def test_job_longer_than_its_time_limit_and_requeued_finishes_in_one_run(cluster, tmp_path):
-    """A grid job with a 1-minute time limit and ~3 allocations of work, also requeued by hand mid-training
-    (`scontrol requeue`, what preemption and node failures do): after the requeue its MLflow run is KILLED,
+    """A grid job with a 1-minute time limit and ~3 allocations of work, also requeued and held by hand
+    mid-training (`scontrol requeuehold`: what preemption and node failures do, plus a hold), then released:
+    after the requeue its MLflow run is KILLED,
     not RUNNING; each time-limit warning saves a checkpoint and requeues; every allocation resumes the same
     run from its newest checkpoint, and the grid ends with one FINISHED child at the planned step count."""
     env = {**cluster, "MLFLOW_EXPERIMENT_NAME": "cluster-requeue"}
@@ -344,7 +345,7 @@ def test_job_longer_than_its_time_limit_and_requeued_finishes_in_one_run(cluster
             assert time.monotonic() < deadline and driver.poll() is None, "the job never saved a checkpoint"
             time.sleep(0.2)
         [job] = [p for p in (sweep_dir / ".submitit").iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name)]
-        subprocess.run(["scontrol", "requeue", job.name], check=True, env=env)
+        subprocess.run(["scontrol", "requeuehold", job.name], check=True, env=env)  # requeued, and held
         while (
             "PENDING"
             not in subprocess.run(
@@ -354,6 +355,9 @@ def test_job_longer_than_its_time_limit_and_requeued_finishes_in_one_run(cluster
             time.sleep(0.2)
         [child] = [r for r in runs_of(env, "cluster-requeue") if r.data.tags.get("sweep_role") == "job"]
         assert child.info.status == "KILLED"  # SIGTERM under submitit: closed, not a ghost RUNNING run
+        time.sleep(3)
+        assert driver.poll() is None  # a held job is waited for
+        subprocess.run(["scontrol", "release", job.name], check=True, env=env)
         threading.Thread(target=_start_requeued_jobs_now, args=(env, stop), daemon=True).start()
         out, _ = driver.communicate(timeout=480)
     finally:
@@ -372,3 +376,41 @@ def test_job_longer_than_its_time_limit_and_requeued_finishes_in_one_run(cluster
     assert metrics["train_steps"] == 500
     [parent] = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
     assert parent.info.status == "FINISHED"
+
+
+def test_wait_sees_late_results_job_errors_and_multi_task_jobs(cluster, tmp_path):
+    """Result files that a shared filesystem shows 20 s late (NFS caches attributes for 30-60 s) are
+    still found; a failed job reports its own exception, not just FAILED; a job of 2 tasks returns its
+    first task's result."""
+    import submitit
+
+    from asr.cluster.jobs import wait_all
+
+    os.environ["SLURM_CONF"] = cluster["SLURM_CONF"]
+    try:
+        executor = submitit.AutoExecutor(folder=str(tmp_path / "%j"), cluster="slurm")
+        executor.update_parameters(slurm_partition="debug", cpus_per_task=1, slurm_mem="100M", timeout_min=5)
+        late, failed = executor.submit(sum, [1, 2]), executor.submit(int, "the job's own words")  # ValueError
+        executor.update_parameters(tasks_per_node=2)
+        two_tasks = executor.submit(sum, [3, 4])
+        hidden: dict[Path, Path] = {}
+        stop = threading.Event()
+
+        def hide_new_results() -> None:  # what a client with a stale attribute cache sees
+            while not stop.wait(0.01):
+                for job in (late, failed):
+                    if job.paths.result_pickle.exists():
+                        hidden[job.paths.result_pickle] = job.paths.result_pickle.rename(
+                            tmp_path / f"hidden-{job.job_id}"
+                        )
+
+        threading.Thread(target=hide_new_results, daemon=True).start()
+        threading.Timer(25, lambda: (stop.set(), [h.rename(r) for r, h in hidden.items()])).start()
+        outcomes = wait_all([late, failed, two_tasks], poll_s=5, queue_poll_s=1)
+    finally:
+        os.environ.pop("SLURM_CONF")
+    assert len(hidden) == 2  # both results really were out of sight for 25 s
+    (_, result, error), (_, _, job_error), (_, multi, multi_error) = outcomes
+    assert result == 3 and error is None
+    assert "the job's own words" in str(job_error) and "ValueError" in str(job_error)
+    assert multi == 7 and multi_error is None
