@@ -33,10 +33,20 @@ log = logging.getLogger(__name__)
 RUN_RECORD = "mlflow_run.json"  # in a run's output folder: its MLflow run id, tracking URI and submitit job id
 
 
-def best_eval(log_history: list[dict], after_step: int = 0) -> dict[str, float]:
-    """The evaluation with the lowest WER (the checkpoint load_best_model_at_end restored); a branch
-    counts only its own evaluations, after its fork step."""
+def best_eval(
+    log_history: list[dict], after_step: int = 0, restored: str | None = None, tested: bool = False
+) -> dict[str, float]:
+    """The evaluation of the model that is tested (`tested`): the checkpoint load_best_model_at_end
+    restored (`restored`, the Trainer's best_model_checkpoint), or the last evaluation when none was
+    restored (the final model is tested); else the lowest WER. Only saved evaluations can be restored:
+    with trainer=seed (evaluation every 300 steps, checkpoints every 600) a lower WER at an unsaved step
+    is not the tested model. A branch counts only its own evaluations, after its fork step."""
     evals = [entry for entry in log_history if "eval_wer" in entry and entry["step"] > after_step]
+    if tested and restored is not None:
+        step = branches.checkpoint_step(Path(restored))
+        evals = [entry for entry in evals if entry["step"] == step] or evals
+    elif tested:
+        evals = evals[-1:]
     if not evals:
         return {}
     best = min(evals, key=lambda entry: (entry["eval_wer"], entry["step"]))
@@ -223,7 +233,7 @@ def _train_and_test(
     references, hypotheses = decode_predictions(processor.tokenizer, test.predictions, test.label_ids)
 
     metrics = {
-        **best_eval(trainer.state.log_history, after_step=fork),
+        **best_eval(trainer.state.log_history, fork, trainer.state.best_model_checkpoint, tested=True),
         **{k: v for k, v in test.metrics.items() if k.startswith("test_") and "per_second" not in k},
         "train_loss": train_output.training_loss,
         "train_runtime": train_runtime,

@@ -44,6 +44,8 @@ def test_run_outputs(learned):
     for key in ("eval_wer", "eval_cer", "test_wer", "test_cer", "train_runtime", "train_steps", "train_audio_seconds"):
         assert key in on_disk
     assert on_disk["train_steps"] == 300
+    state = json.loads((output_dir / "checkpoints" / "checkpoint-300" / "trainer_state.json").read_text())
+    assert on_disk["best_step"] == int(state["best_model_checkpoint"].rsplit("-", 1)[1])  # the tested model's
     assert 400 * 1.0 < on_disk["train_audio_seconds"] < 400 * 6.0
     predictions = [json.loads(line) for line in (output_dir / "predictions_test.jsonl").read_text().splitlines()]
     assert len(predictions) == 40 and {"id", "speaker", "reference", "hypothesis"} <= set(predictions[0])
@@ -91,3 +93,22 @@ def test_a_crashing_run_is_marked_failed(tmp_path, monkeypatch):
     assert run.info.status == "FAILED"
     assert "loss is NaN" in run.data.tags["error"]
     mlflow.end_run()
+
+
+def test_reported_best_is_the_restored_model_when_saves_are_sparser_than_evaluations():
+    """trainer=seed evaluates every 300 steps and saves every 600: the lowest WER at step 300 has no
+    checkpoint, so load_best_model_at_end restores step 600's, and that is what eval_wer/best_step say."""
+    from asr.training import best_eval
+
+    history = [
+        {"step": step, "eval_wer": wer, "eval_cer": wer / 2, "eval_loss": wer * 3}
+        for step, wer in ((300, 0.40), (600, 0.45), (900, 0.42), (1200, 0.50))
+    ]
+    assert best_eval(history)["best_step"] == 300  # the lowest WER, whatever was saved
+    tested = best_eval(history, restored="/run/checkpoints/checkpoint-600", tested=True)
+    assert tested == {"eval_wer": 0.45, "eval_cer": 0.225, "eval_loss": 1.35, "best_step": 600}
+    assert best_eval(history, tested=True)["best_step"] == 1200  # nothing restored: the final model is tested
+    assert (
+        best_eval(history, after_step=600, restored="/run/checkpoints/checkpoint-1200", tested=True)["best_step"]
+        == 1200
+    )
