@@ -22,6 +22,7 @@ from asr.data import fingerprint
 from asr.data.text import NORMALIZATION_VERSION
 from asr.errors import UserError
 from asr.inference import write_predictions
+from asr.lm.after_training import check_before_training as check_lm_before_training
 from asr.metrics import decode_predictions
 from asr.model import build_model
 from asr.prepare import prepare
@@ -179,6 +180,8 @@ def run(
                     step=0,
                 )
                 tracker.log_artifact(output_dir / "data_audit.json")
+            if job_role != "trunk":  # a run that tests: its LM step's settings are checked before training
+                check_lm_before_training(cfg, features)
             if job_role == "trunk":
                 metrics = _train_trunk(cfg, output_dir, model, features, processor, tracker, trunk, callbacks)
             else:
@@ -254,23 +257,20 @@ def _train_and_test(
         references,
         hypotheses,
     )
+    step = trainer.state.global_step
+    _save_results(output_dir, metrics, tracker, step, ("metrics.json", "predictions_test.jsonl", "model/vocab.json"))
     if cfg.get("lm") and cfg.lm.after_training:  # greedy and n-gram LM test WER side by side (asr/lm/after_training.py)
         from asr.lm.after_training import decode_test_with_lm
 
-        metrics.update(decode_test_with_lm(cfg, output_dir, trainer.model, features, processor))
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("test_")}, step=trainer.state.global_step)
-    tracker.log_metrics(
-        {f"best_{k}": v for k, v in metrics.items() if k in ("eval_cer", "eval_loss")}, step=trainer.state.global_step
-    )
-    for name in (
-        "metrics.json",
-        "predictions_test.jsonl",
-        "model/vocab.json",
-        "predictions_test_lm.jsonl",
-        "model/lm/lm.json",
-    ):
-        tracker.log_artifact(output_dir / name)
+        try:
+            lm_metrics = decode_test_with_lm(cfg, output_dir, trainer.model, features, processor)
+        except Exception as err:  # noqa: BLE001  (the trained model and its metrics are kept whatever the LM does)
+            log.error("LM decoding failed (%s: %s); the run's model and metrics are kept", type(err).__name__, err)
+            tracker.set_tag("lm_error", f"{type(err).__name__}: {err}"[:5000])
+        else:
+            metrics.update(lm_metrics)
+            files = ("metrics.json", "predictions_test_lm.jsonl", "model/lm/lm.json")
+            _save_results(output_dir, metrics, tracker, step, files, logged=lm_metrics)
     if trunk is not None:
         trunk.mark_done(
             cfg.trainer.epochs,
@@ -285,6 +285,18 @@ def _train_and_test(
         output_dir,
     )
     return metrics
+
+
+def _save_results(
+    output_dir: Path, metrics: dict, tracker: MlflowRun, step: int, files: Sequence[str], logged: dict | None = None
+) -> None:
+    """metrics.json; the test and best-evaluation metrics of `logged` (all by default) in MLflow; the files."""
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    logged = metrics if logged is None else logged
+    tracker.log_metrics({k: v for k, v in logged.items() if k.startswith("test_")}, step=step)
+    tracker.log_metrics({f"best_{k}": v for k, v in logged.items() if k in ("eval_cer", "eval_loss")}, step=step)
+    for name in files:
+        tracker.log_artifact(output_dir / name)
 
 
 class _ForgetTrunkBest(TrainerCallback):

@@ -11,7 +11,7 @@ import kenlm
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import SESSION_DIR, compose_cfg
+from conftest import SESSION_DIR, SMALL_CORPUS, compose_cfg
 from omegaconf import OmegaConf
 
 from asr import transcribe
@@ -233,3 +233,41 @@ def test_training_run_reports_lm_wer_beside_greedy(tmp_path):
     info = json.loads((tmp_path / "model" / "lm" / "lm.json").read_text())
     assert info["alpha"] == metrics["test_lm_alpha"] and info["sentences"] == 64 and info["test_overlap"] == 0
     assert len((tmp_path / "predictions_test_lm.jsonl").read_text().splitlines()) == 16
+
+
+def test_lm_settings_that_would_fail_are_refused_before_training(tmp_path):
+    """lm.after_training=true without lmplz: one line and exit 1 before any training step, not after hours."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "lm.after_training=true",
+            "lm.lmplz=/nonexistent/lmplz",
+            "debug=fast",
+            *SMALL_CORPUS,
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=REPO_DIR,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and last.startswith("error: KenLM's lmplz was not found"), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "checkpoints").exists()
+
+
+def test_lm_step_failing_after_training_keeps_the_runs_metrics(tmp_path):
+    """lmplz failing after training (here on a bad lm.memory) loses nothing: metrics.json, the MLflow
+    metrics and the model stay, the run is FINISHED with the LM's error as a tag."""
+    from mlflow.tracking import MlflowClient
+
+    from asr import training
+
+    cfg = compose_cfg(*SMALL_CORPUS, "debug=fast", "lm.after_training=true", "lm.memory=notasize")
+    metrics = training.run(cfg, tmp_path, overrides=["lm.after_training=true", "lm.memory=notasize"])
+    assert "test_wer" in metrics and "test_lm_wer" not in metrics
+    assert json.loads((tmp_path / "metrics.json").read_text())["test_wer"] == metrics["test_wer"]
+    run = MlflowClient().get_run(json.loads((tmp_path / "mlflow_run.json").read_text())["run_id"])
+    assert run.info.status == "FINISHED" and "lmplz failed" in run.data.tags["lm_error"]
+    assert run.data.metrics["test_wer"] == pytest.approx(metrics["test_wer"])

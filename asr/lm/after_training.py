@@ -16,7 +16,7 @@ from datasets import DatasetDict
 from omegaconf import DictConfig
 
 from asr.lm import lm_dir_of
-from asr.lm.build import build_lm
+from asr.lm.build import build_lm, check_test_overlap, lmplz_for, normalized_lines
 from asr.lm.decode import BeamSettings, CTCDecoder
 from asr.lm.logits import cached_log_probs
 from asr.lm.tune import tune_decoder
@@ -29,19 +29,32 @@ def _references(tokenizer, split) -> list[str]:
     return tokenizer.batch_decode(split["labels"], group_tokens=False)  # as the Trainer's metrics see them
 
 
+def _lm_text(cfg: DictConfig, features: DatasetDict) -> list[str]:
+    if cfg.lm.text_file:
+        return normalized_lines(cfg.lm.text_file, cfg.dataset.text)
+    return [text for text in features["train"]["text"] if text]
+
+
+def _test_texts(features: DatasetDict) -> list[str]:
+    return [text for text in features["test"]["text"] if text]
+
+
+def check_before_training(cfg: DictConfig, features: DatasetDict) -> None:
+    """lm.after_training=true: what would make the LM step refuse (no lmplz, a bad order, a missing or empty
+    text, test sentences in it) is a one-line error before training, not after hours of it."""
+    if not (cfg.get("lm") and cfg.lm.after_training):
+        return
+    lmplz_for(cfg.lm)
+    check_test_overlap(_lm_text(cfg, features), _test_texts(features), cfg.lm.test_overlap)
+
+
 def decode_test_with_lm(cfg: DictConfig, output_dir: Path, model, features: DatasetDict, processor) -> dict[str, float]:
     """Build → tune on dev → decode test; returns the test_lm_* metrics and writes predictions_test_lm.jsonl."""
     from asr.evaluate import paired_rates  # the paired bootstrap, as `asr.evaluate` reports it
 
     model_dir, tokenizer, batch = output_dir / "model", processor.tokenizer, cfg.trainer.eval_batch_size
     source = cfg.lm.text_file or "train split transcripts"
-    if cfg.lm.text_file:
-        from asr.lm.build import normalized_lines
-
-        lines = normalized_lines(cfg.lm.text_file, cfg.dataset.text)
-    else:
-        lines = [text for text in features["train"]["text"] if text]
-    build_lm(lines, lm_dir_of(model_dir), cfg.lm, source, [text for text in features["test"]["text"] if text])
+    build_lm(_lm_text(cfg, features), lm_dir_of(model_dir), cfg.lm, source, _test_texts(features))
     model.eval()
     logits = {
         name: cached_log_probs(model_dir, model, processor, features[name], name, cfg.paths.cache_dir, batch)[0]

@@ -87,8 +87,8 @@ def check_test_overlap(lines: list[str], test_texts: list[str] | None, policy: s
     return len(found)
 
 
-def run_lmplz(lines: list[str], out_dir: Path, cfg: DictConfig) -> Path:
-    """lmplz → lm.arpa (and build_binary → lm.bin when cfg.binary); returns the file decoders should load."""
+def lmplz_for(cfg: DictConfig) -> Path:
+    """The lmplz program for these settings, or the one-line error that building would end with."""
     if cfg.order < 2:
         raise LMError(f"lm.order={cfg.order}: KenLM loads n-gram models from order 2 up. Fix: lm.order=2 or more")
     lmplz = find_tool("lmplz", cfg.lmplz)
@@ -97,6 +97,12 @@ def run_lmplz(lines: list[str], out_dir: Path, cfg: DictConfig) -> Path:
             "KenLM's lmplz was not found. Fix: make lmplz (needs cmake, g++ and Boost: make lm-deps as root), "
             "or lm.lmplz=<path to lmplz>"
         )
+    return lmplz
+
+
+def run_lmplz(lines: list[str], out_dir: Path, cfg: DictConfig) -> Path:
+    """lmplz → lm.arpa (and build_binary → lm.bin when cfg.binary); returns the file decoders should load."""
+    lmplz = lmplz_for(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     arpa = out_dir / "lm.arpa"
     with tempfile.TemporaryDirectory(prefix="lmplz-") as tmp:
