@@ -16,7 +16,7 @@ from datasets import DatasetDict
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback, set_seed
 
-from asr import branches, requeue
+from asr import branches, requeue, threads
 from asr.audit import run_audit
 from asr.data import fingerprint
 from asr.data.text import NORMALIZATION_VERSION
@@ -147,7 +147,7 @@ def run(
         tracker.set_tag("output_dir", str(output_dir.resolve()))
     interruption = requeue.Interruption()
     callbacks = [*callbacks, interruption.callback]
-    with interruption:
+    with interruption, threads.restored():  # a pruned trial leaves no reduced thread count to the next one
         try:
             if not tracker.reopened:
                 tracker.log_config(cfg)

@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+from conftest import SMALL_CORPUS, compose_cfg
 from mlflow.tracking import MlflowClient
 
 from asr.paths import REPO_DIR
@@ -110,3 +112,82 @@ def test_the_governor_leaves_other_processes_their_cores():
     finally:
         neighbour.wait()
     assert busy is not None and 0.6 < busy < 1.6  # one core's worth of someone else's work
+
+
+def _fake_machine(root: Path, cpu_lines: dict[int, list[int]], cgroup: str = "0::/job", files: dict | None = None):
+    """A /proc (stat with per-CPU lines, self/cgroup) and a /sys/fs/cgroup tree under `root`."""
+    proc, cgroup_root = root / "proc", root / "cgroup"
+    (proc / "self").mkdir(parents=True, exist_ok=True)
+    total = [sum(col) for col in zip(*cpu_lines.values())]
+    lines = [f"cpu  {' '.join(map(str, total))}"] + [f"cpu{n} {' '.join(map(str, v))}" for n, v in cpu_lines.items()]
+    (proc / "stat").write_text("\n".join(lines) + "\nintr 0\n")
+    (proc / "self" / "cgroup").write_text(cgroup + "\n")
+    for name, text in (files or {}).items():
+        (cgroup_root / name).parent.mkdir(parents=True, exist_ok=True)
+        (cgroup_root / name).write_text(text)
+    return proc, cgroup_root
+
+
+def test_the_governor_counts_only_its_own_cpus_its_quota_and_guest_time_once(tmp_path, monkeypatch):
+    """The affinity mask (taskset, cpusets), cgroup CPU quotas (v1 and v2) and guest time, from fake trees."""
+    from asr.threads import cgroup_cpu_limit, usable_cores
+
+    #           user nice system idle iowait irq softirq steal guest guest_nice
+    idle = [0, 0, 0, 1000, 0, 0, 0, 0, 0, 0]
+    proc, cg = _fake_machine(tmp_path / "a", {0: idle, 1: idle, 2: idle, 3: idle})
+    share = CpuShare(cpus={0, 1}, proc=proc, cgroup_root=cg)
+    # CPUs 2 and 3 (not ours) fully busy, CPU 1 busy with a VM's guest time (counted inside user too)
+    busy = [100, 0, 0, 1000, 0, 0, 0, 0, 0, 0]
+    guest = [100, 0, 0, 1000, 0, 0, 0, 0, 100, 0]
+    _fake_machine(tmp_path / "a", {0: idle, 1: guest, 2: busy, 3: busy})
+    share.last = (share.last[0] - 1.0, *share.last[1:])  # one second ago
+    monkeypatch.setattr("os.times", lambda: (share.last[2], 0, 0, 0, 0))  # this process used nothing
+    others = share.others()
+    assert others == pytest.approx(100 / share.tick, rel=0.01)  # CPU 1's guest counted once, CPUs 2-3 not at all
+
+    v2 = _fake_machine(tmp_path / "v2", {n: idle for n in range(64)}, files={"job/cpu.max": "200000 100000\n"})
+    assert cgroup_cpu_limit(*v2) == 2.0 and usable_cores(set(range(64)), *v2) == 2
+    v1 = _fake_machine(
+        tmp_path / "v1",
+        {n: idle for n in range(8)},
+        cgroup="2:cpu,cpuacct:/docker/abc",
+        files={
+            "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "150000\n",
+            "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+        },
+    )
+    assert usable_cores(set(range(8)), *v1) == 2  # 1.5 CPUs: two threads
+    unlimited = _fake_machine(tmp_path / "max", {0: idle}, files={"job/cpu.max": "max 100000\n"})
+    assert cgroup_cpu_limit(*unlimited) is None and usable_cores({0, 1, 2}, *unlimited) == 3
+
+    # under a quota, the rest of the container competes for it, not the host's other 62 CPUs
+    quota = _fake_machine(
+        tmp_path / "q",
+        {n: busy for n in range(64)},
+        files={"job/cpu.max": "200000 100000\n", "job/cpu.stat": "usage_usec 5000000\n"},
+    )
+    share = CpuShare(cpus=set(range(64)), proc=quota[0], cgroup_root=quota[1])
+    (quota[1] / "job" / "cpu.stat").write_text("usage_usec 6000000\n")  # the container used 1 CPU-second more
+    share.last = (share.last[0] - 1.0, *share.last[1:])
+    assert share.others() == pytest.approx(1.0, rel=0.01)
+
+
+def test_a_pruned_run_gives_back_every_thread(tmp_path):
+    """A callback (the governor, then a pruner) cuts the threads and stops the run: the next trial in the
+    same worker starts with all of them again."""
+    import torch
+    from transformers import TrainerCallback
+
+    from asr import training
+    from asr.trainer import RunPruned
+
+    class CutThenPrune(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.set_num_threads(1)
+            raise RunPruned("pruned")
+
+    before = torch.get_num_threads()
+    cfg = compose_cfg(*SMALL_CORPUS, "debug=fast", "tracking.enabled=false")
+    with pytest.raises(RunPruned):
+        training.run(cfg, tmp_path, callbacks=[CutThenPrune()])
+    assert torch.get_num_threads() == before
