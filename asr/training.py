@@ -368,6 +368,9 @@ def _train_trunk(
         trunk.keep_fork(trunk.checkpoints / f"checkpoint-{fork}", fork)
         metrics.update(best_eval(trainer.state.log_history, after_step=start_step))
         metrics.update(throughput.summary)
+    elif not requeue.is_complete(trunk.fork(fork)):  # killed while copying it: the trunk's checkpoint is there
+        log.info("Trunk: keeping step %d (the fork of %g epochs) from %s", fork, cfg.trainer.epochs, start)
+        trunk.keep_fork(start, fork)
     else:
         log.info("Trunk: the fork of %g epochs (step %d) exists already in %s", cfg.trainer.epochs, fork, trunk.path)
     metrics["train_audio_seconds"] = float(sum(features["train"]["duration"]))

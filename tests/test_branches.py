@@ -233,3 +233,21 @@ def test_branches_run_as_separate_jobs_with_a_parallel_launcher(tmp_path):
     logs = sorted(sweep.glob(".submitit/*/*_log.err"))
     assert len({p.parent.name for p in logs}) == 2  # the trunk's job, then the branch's: each its own process
     assert (sweep / "1" / "model" / "model.safetensors").is_file()
+
+
+def test_a_fork_lost_mid_copy_is_made_again(grid):
+    """The trunk job killed while copying its checkpoint to forks/ (scancel, a time limit): the trunk's own
+    checkpoint at the fork is there, the fork is not; the rerun keeps the fork from it and the grid finishes."""
+    work, _ = grid
+    trunk = branches.TrunkFolder(next((work / "outputs" / "trunks").iterdir()))
+    assert (trunk.checkpoints / "checkpoint-13" / "trainer_state.json").is_file()
+    shutil.rmtree(trunk.fork(13))
+    shutil.rmtree(trunk.branch(2))
+    partial = trunk.fork(13).with_name("step-13.partial")  # what copytree leaves when killed
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half a file")
+    done = _train("-m", *GRID, *SIZE, "hydra.sweep.dir=multirun/third", cwd=work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "keeping step 13 (the fork of 2 epochs)" in done.stdout + done.stderr
+    assert (trunk.fork(13) / "trainer_state.json").is_file() and not partial.exists()
+    assert trunk.done(2) and trunk.done(2)["fork_step"] == 13
