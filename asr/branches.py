@@ -137,13 +137,32 @@ class TrunkFolder:
             partial.rename(target)  # a fork either exists whole or not at all
         return target
 
-    def trunk_run_id(self) -> str | None:
+    def _record(self) -> dict:
         record = self.path / TRUNK_FILE
-        return json.loads(record.read_text())["run_id"] if record.is_file() else None
+        return json.loads(record.read_text()) if record.is_file() else {}
+
+    def _update(self, **values) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / TRUNK_FILE).write_text(json.dumps({**self._record(), **values}))
+
+    def trunk_run_id(self) -> str | None:
+        return self._record().get("run_id")
 
     def set_trunk_run_id(self, run_id: str) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / TRUNK_FILE).write_text(json.dumps({"run_id": run_id}))
+        self._update(run_id=run_id)
+
+    def check_data(self, data_fingerprint: str) -> None:
+        """The trunk folder is named after the config, not the data: a changed manifest or audio behind
+        the same config must not resume a trunk (or skip branches) trained on the old data."""
+        known = self._record().get("dataset_fingerprint")
+        if known is None:
+            self._update(dataset_fingerprint=data_fingerprint)
+        elif known != data_fingerprint:
+            raise ConfigError(
+                f"the shared trunk in {self.path} was trained on other data (dataset fingerprint {known}, now "
+                f"{data_fingerprint}): its checkpoints and finished branches do not apply. Fix: move that folder "
+                "away to train a new trunk, or point the dataset back at the data it was trained on"
+            )
 
     def done(self, epochs: float) -> dict | None:
         record = self.branch(epochs) / DONE_FILE

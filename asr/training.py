@@ -159,7 +159,10 @@ def run(
                 "text": OmegaConf.to_container(cfg.dataset.text),
                 "audit": OmegaConf.to_container(cfg.audit),
             }
-            tracker.set_tag("dataset_fingerprint", fingerprint(splits, settings))
+            data_fingerprint = fingerprint(splits, settings)
+            tracker.set_tag("dataset_fingerprint", data_fingerprint)
+            if trunk is not None:  # a trunk's checkpoints and finished branches hold for the data it saw
+                trunk.check_data(data_fingerprint)
             tracker.set_tag("split_sizes", " ".join(f"{name}={len(rows)}" for name, rows in splits.items()))
             model = build_model(
                 cfg.model, cfg.regularization, processor.tokenizer, cfg.trainer.get("attn_implementation")

@@ -251,3 +251,15 @@ def test_a_fork_lost_mid_copy_is_made_again(grid):
     assert "keeping step 13 (the fork of 2 epochs)" in done.stdout + done.stderr
     assert (trunk.fork(13) / "trainer_state.json").is_file() and not partial.exists()
     assert trunk.done(2) and trunk.done(2)["fork_step"] == 13
+
+
+def test_a_trunk_trained_on_other_data_is_refused(tmp_path):
+    """The trunk folder's name hashes the config only: a changed manifest behind the same config must not
+    resume it or skip its finished branches."""
+    trunk = branches.TrunkFolder(tmp_path / "trunk")
+    trunk.set_trunk_run_id("run-1")
+    trunk.check_data("aaaa")
+    trunk.check_data("aaaa")  # the same data again: fine
+    assert trunk.trunk_run_id() == "run-1"
+    with pytest.raises(ConfigError, match=r"trained on other data \(dataset fingerprint aaaa, now bbbb\).*Fix: move"):
+        trunk.check_data("bbbb")
