@@ -333,6 +333,21 @@ def print_plan(
     return 0
 
 
+def check_shared_trunk(jobs: list[tuple[str, list[str], list[str]]]) -> None:
+    """`hydra/sweeper=branches plan=true`: a grid whose settings cannot share a trunk ends in the run's own
+    one-line error (wrong schedule, trainer.max_steps, a warm-up ratio), not in a plan of a grid that
+    would never start."""
+    from asr import branches
+    from asr.cli import fail
+    from asr.errors import UserError
+
+    for _, overrides, _ in jobs:
+        try:
+            branches.check_settings(compose_job(overrides))
+        except UserError as err:
+            fail(str(err))
+
+
 class PlanCallback(Callback):
     """`train.py -m ... plan=true`: print the plan of the grid and exit before the launcher submits anything."""
 
@@ -356,6 +371,8 @@ class PlanCallback(Callback):
             raise SystemExit(1) from None
         shared = "asr_branches_sweeper" in str(config.hydra.sweeper.get("_target_", ""))
         title = f"Plan of `train.py -m` ({launcher}): {' '.join(overrides)}"
+        if shared:  # refused here exactly as the run refuses it (hydra_plugins/asr_branches_sweeper)
+            check_shared_trunk(jobs)
         cooldown = config.trainer.cooldown_fraction if shared else None
         slurm = config.hydra.launcher if "Slurm" in launcher else None
         raise SystemExit(print_plan(jobs, title, cooldown=cooldown, launcher=slurm))

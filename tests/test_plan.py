@@ -152,3 +152,21 @@ def test_manifest_hours_are_measured(tmp_path):
         0.05,
         90.0,
     ) and "measured from train.jsonl" in source
+
+
+def test_shared_trunk_plan_refuses_what_the_run_refuses(tmp_path):
+    """experiment=seed_8_20_40 uses a linear schedule with a warm-up ratio: `hydra/sweeper=branches` refuses
+    it, and so must its plan, with the same one line."""
+    result = plan(
+        "train.py",
+        "-m",
+        "experiment=seed_8_20_40",
+        "hydra/sweeper=branches",
+        "plan=true",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        tmp_path=tmp_path,
+        expect=1,
+    )
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: a shared trunk needs the warmup-stable-decay schedule"), result.stderr
+    assert "Fix: add trainer.lr_scheduler=wsd" in lines[-1] and "GPU-hours" not in result.stdout
