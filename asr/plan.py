@@ -84,15 +84,19 @@ def dataset_hours(ds: DictConfig) -> tuple[float | None, float | None, float | N
         path = Path(str(None if OmegaConf.is_missing(ds, "train") else ds.get("train")))
         if not path.is_file():
             return None, None, None, f"absent: dataset.train={path} is not a file"
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        seconds = sum(float(r.get("duration") or 0) for r in rows)
-        share = 1.0 if ds.get("dev") else 1 - held_out
-        return (
-            seconds * share / 3600,
-            seconds * float(ds.get("dev_fraction") or 0) / 3600,
-            len(rows) * share,
-            f"measured from {path.name}",
-        )
+        seconds, rows, unknown = manifest_seconds(path)
+        if unknown:
+            return None, None, None, (
+                f"UNKNOWN hours: {unknown} of {rows} utterances in {path.name} have no duration and no readable "
+                "audio header (add \"duration\" to the manifest)"
+            )
+        # carved out of train only where no file is given (asr/data: dev_fraction / test_fraction)
+        dev_share = 0.0 if ds.get("dev") else float(ds.get("dev_fraction") or 0)
+        share = 1 - (dev_share + (0.0 if ds.get("test") else float(ds.get("test_fraction") or 0)))
+        dev_seconds = seconds * dev_share
+        if ds.get("dev") and Path(str(ds.dev)).is_file():
+            dev_seconds, _, _ = manifest_seconds(Path(str(ds.dev)))
+        return seconds * share / 3600, dev_seconds / 3600, rows * share, f"measured from {path.name}"
     if ds.loader == "synthetic_ne":
         sizes = ds.sizes
         seconds_each = float(ds.get("approx_seconds_per_utterance") or 0)
@@ -114,6 +118,27 @@ def dataset_hours(ds: DictConfig) -> tuple[float | None, float | None, float | N
         utterances,
         f"{data}; hours: the config's approximate figure ({approx} h)",
     )
+
+
+def manifest_seconds(path: Path) -> tuple[float, int, int]:
+    """(audio seconds, utterances, utterances of unknown length) of a manifest: its `duration` fields,
+    else the audio file's header (soundfile reads only the header)."""
+    import soundfile
+
+    seconds, rows, unknown = 0.0, 0, 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row, rows = json.loads(line), rows + 1
+        if row.get("duration"):
+            seconds += float(row["duration"])
+            continue
+        audio = Path(str(row.get("audio_filepath", "")))
+        try:
+            seconds += soundfile.info(str(audio if audio.is_absolute() else path.parent / audio)).duration
+        except (OSError, RuntimeError):
+            unknown += 1
+    return seconds, rows, unknown
 
 
 # ---- throughput -------------------------------------------------------------------------------

@@ -154,6 +154,34 @@ def test_manifest_hours_are_measured(tmp_path):
     ) and "measured from train.jsonl" in source
 
 
+def test_manifest_hours_without_durations_given_dev_and_test_files(tmp_path):
+    """No `duration` fields: the audio headers give the hours; a missing file makes them UNKNOWN, not 0.0.
+    Given dev and test files are not carved out of train, and the dev hours are the dev file's."""
+    import numpy as np
+    import soundfile as sf
+
+    from asr.plan import dataset_hours
+
+    for name, seconds in (("a.wav", 2.0), ("b.wav", 4.0), ("d.wav", 3.0)):
+        sf.write(tmp_path / name, np.zeros(int(16000 * seconds), dtype="float32"), 16000)
+    train, dev, test = tmp_path / "train.jsonl", tmp_path / "dev.jsonl", tmp_path / "test.jsonl"
+    train.write_text('{"audio_filepath": "a.wav", "text": "x"}\n{"audio_filepath": "b.wav", "text": "y"}\n')
+    dev.write_text('{"audio_filepath": "d.wav", "text": "z"}\n')
+    test.write_text('{"audio_filepath": "d.wav", "text": "z"}\n')
+    train_h, dev_h, utterances, _ = dataset_hours(
+        compose_cfg("dataset=manifest", f"dataset.train={train}", f"dataset.dev={dev}", f"dataset.test={test}").dataset
+    )
+    assert (train_h * 3600, dev_h * 3600, utterances) == pytest.approx((6.0, 3.0, 2.0))
+    train_h, dev_h, _, _ = dataset_hours(
+        compose_cfg("dataset=manifest", f"dataset.train={train}", f"dataset.test={test}").dataset
+    )
+    assert (train_h * 3600, dev_h * 3600) == pytest.approx((6.0 * 0.95, 6.0 * 0.05))  # only dev carved out
+
+    train.write_text(train.read_text() + '{"audio_filepath": "gone.wav", "text": "w"}\n')
+    train_h, _, _, source = dataset_hours(compose_cfg("dataset=manifest", f"dataset.train={train}").dataset)
+    assert train_h is None and source.startswith("UNKNOWN hours: 1 of 3 utterances")
+
+
 def test_shared_trunk_plan_refuses_what_the_run_refuses(tmp_path):
     """experiment=seed_8_20_40 uses a linear schedule with a warm-up ratio: `hydra/sweeper=branches` refuses
     it, and so must its plan, with the same one line."""
