@@ -86,9 +86,14 @@ def dataset_hours(ds: DictConfig) -> tuple[float | None, float | None, float | N
             return None, None, None, f"absent: dataset.train={path} is not a file"
         seconds, rows, unknown = manifest_seconds(path)
         if unknown:
-            return None, None, None, (
-                f"UNKNOWN hours: {unknown} of {rows} utterances in {path.name} have no duration and no readable "
-                "audio header (add \"duration\" to the manifest)"
+            return (
+                None,
+                None,
+                None,
+                (
+                    f"UNKNOWN hours: {unknown} of {rows} utterances in {path.name} have no duration and no readable "
+                    'audio header (add "duration" to the manifest)'
+                ),
             )
         # carved out of train only where no file is given (asr/data: dev_fraction / test_fraction)
         dev_share = 0.0 if ds.get("dev") else float(ds.get("dev_fraction") or 0)
@@ -159,8 +164,9 @@ def _tracking(uri: str):
         return None
 
 
-def mlflow_throughput(cfg: DictConfig) -> tuple[float, float | None, int] | None:
-    """(median audio s/s, highest peak GiB or None, runs) of earlier runs with the same throughput settings."""
+def mlflow_throughput(cfg: DictConfig) -> tuple[float, float | None, int, str] | None:
+    """(median audio s/s per GPU, highest peak GiB or None, runs, device) of earlier runs with the same
+    throughput settings on the device most of them ran on."""
     from asr.tracking import tracking_uri
 
     tracking = _tracking(tracking_uri(cfg.tracking.get("uri")))
@@ -177,9 +183,17 @@ def mlflow_throughput(cfg: DictConfig) -> tuple[float, float | None, int] | None
         return None
     if not runs:
         return None
-    speeds = [r.data.metrics["train_audio_seconds_per_second"] for r in runs]
+    # one kind of device only (the most frequent one; runs from before the `device` tag count as unknown)
+    devices = [r.data.tags.get("device", "unknown device") for r in runs]
+    device = max(set(devices), key=devices.count)
+    runs = [r for r, d in zip(runs, devices) if d == device]
+    # under DDP the logged figure is all ranks' audio: the plan's GPU-hours need one GPU's
+    speeds = [
+        r.data.metrics["train_audio_seconds_per_second"] / max(1, r.data.metrics.get("train_world_size", 1))
+        for r in runs
+    ]
     peaks = [r.data.metrics["peak_gpu_memory_gib"] for r in runs if "peak_gpu_memory_gib" in r.data.metrics]
-    return statistics.median(speeds), (max(peaks) if peaks else None), len(runs)
+    return statistics.median(speeds), (max(peaks) if peaks else None), len(runs), device
 
 
 def estimate(cfg: DictConfig, trainer_preset: str, job: str, swept: str) -> JobPlan:
@@ -190,9 +204,9 @@ def estimate(cfg: DictConfig, trainer_preset: str, job: str, swept: str) -> JobP
     plan.epochs = float(trainer.epochs)
     measured = mlflow_throughput(cfg)
     if measured:
-        speed, plan.peak_gib, n = measured
+        speed, plan.peak_gib, n, device = measured
         eval_speed = 3 * speed
-        plan.source = f"MLflow: {n} earlier run(s) of these settings"
+        plan.source = f"MLflow: {n} earlier run(s) of these settings on {device}, per GPU"
     elif (cfg.model.name, trainer_preset) in MEASURED:
         row = MEASURED[(cfg.model.name, trainer_preset)]
         speed, eval_speed, plan.peak_gib = row["train"], row["eval"], row["peak_gib"]

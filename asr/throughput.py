@@ -62,6 +62,11 @@ def training_flops(model: torch.nn.Module) -> callable:
     return lambda batch, frames: 6.0 * params * batch * frames + k * layers * hidden * batch * frames**2
 
 
+def device_name() -> str:
+    """The accelerator training runs on, as plan=true matches throughput by it: the GPU's name, or cpu."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def peak_flops(peak_tflops: float | None) -> float | None:
     if peak_tflops:
         return peak_tflops * 1e12
@@ -151,6 +156,7 @@ class ThroughputCallback(TrainerCallback):
             "train_timed_seconds": self.seconds,
             "train_real_audio_seconds": real / self.fps,
             "train_padded_audio_seconds": padded / self.fps,
+            "train_world_size": args.world_size,  # audio s/s above is all ranks': per GPU, divide by this
         }
         if state.is_world_process_zero and self.tracker is not None:
             self.tracker.log_metrics(self.summary, step=state.global_step)

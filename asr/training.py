@@ -26,6 +26,7 @@ from asr.lm.after_training import check_before_training as check_lm_before_train
 from asr.metrics import decode_predictions
 from asr.model import build_model
 from asr.prepare import prepare
+from asr.throughput import device_name
 from asr.tracking import MlflowRun, SweepJob
 from asr.trainer import RunPruned, build_trainer, configure_torch, ddp_on_cpu
 
@@ -161,6 +162,7 @@ def run(
             }
             data_fingerprint = fingerprint(splits, settings)
             tracker.set_tag("dataset_fingerprint", data_fingerprint)
+            tracker.set_tag("device", device_name())  # plan=true compares throughput on the same kind of device
             if trunk is not None:  # a trunk's checkpoints and finished branches hold for the data it saw
                 trunk.check_data(data_fingerprint)
             tracker.set_tag("split_sizes", " ".join(f"{name}={len(rows)}" for name, rows in splits.items()))

@@ -129,8 +129,20 @@ def test_plan_prefers_mlflow_runs_of_the_same_settings(tmp_path, monkeypatch, no
     for key, value in train_only.items():
         client.log_param(run, key, value)
     client.log_metric(run, "train_audio_seconds_per_second", 100.0)
+    client.set_tag(run, "device", "NVIDIA H100")
     result = estimate(cfg, "cpu", "0", "")
-    assert result.source == "MLflow: 1 earlier run(s) of these settings"
+    assert result.source == "MLflow: 1 earlier run(s) of these settings on NVIDIA H100, per GPU"
+    # a 2-GPU DDP run logs both GPUs' audio (300 s/s: 150 per GPU); a CPU run is another device
+    for speed, world, device in ((300.0, 2, "NVIDIA H100"), (1000.0, 1, "cpu")):
+        other = client.create_run(client.get_experiment_by_name("earlier").experiment_id).info.run_id
+        for key, value in train_only.items():
+            client.log_param(other, key, value)
+        client.log_metric(other, "train_audio_seconds_per_second", speed)
+        client.log_metric(other, "train_world_size", world)
+        client.set_tag(other, "device", device)
+    mixed = estimate(cfg, "cpu", "0", "")
+    assert mixed.source == "MLflow: 2 earlier run(s) of these settings on NVIDIA H100, per GPU"
+    assert mixed.gpu_hours == pytest.approx(result.gpu_hours * 100 / 125)  # median of 100 and 150 per GPU
     assert result.audio_hours == 1500 * 2.5 / 3600
     steps_per_epoch = 1500 * 2.5 / cfg.trainer.batch_seconds / cfg.trainer.grad_accum  # batches by audio seconds
     assert abs(result.epochs - 30 / steps_per_epoch) < 1e-9  # debug=fast: max_steps caps the epochs
