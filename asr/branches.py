@@ -23,16 +23,21 @@ not run again (`branches/<E>/done.json`).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from asr.errors import ConfigError
+from asr.errors import ConfigError, UserError
 from asr.requeue import is_complete
 
 ROLES = ("trunk", "branch")
 DONE_FILE = "done.json"
+LOCK_FILE = "lock.json"  # the job writing a trunk (or a branch) folder now
 TRUNK_FILE = "trunk.json"  # the trunk's MLflow run, reopened by each trunk job
 
 
@@ -185,3 +190,80 @@ def checkpoint_step(folder: Path) -> int:
 def _step_of(folder: Path) -> int | None:
     tail = folder.name.rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else None
+
+
+class FolderBusyError(UserError, RuntimeError):
+    """Another job is writing this trunk or branch (a rerun while the first sweep's jobs still run)."""
+
+
+class Lease:
+    """One job at a time writes a trunk (or a branch) folder: `lock.json`, created with O_EXCL (atomic on
+    local disks and NFS v3+), names the holder (host, pid, SLURM job) and is renewed every lease_s / 6
+    seconds. A lease whose holder is a dead process on this host, or that nobody renewed for `lease_s`
+    seconds (a killed job on another node), is taken over; a live one is a one-line error naming it."""
+
+    def __init__(self, folder: Path, lease_s: float, job_id: str | None = None) -> None:
+        self.file, self.lease_s = Path(folder) / LOCK_FILE, float(lease_s)
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "job": job_id}
+        self._stop = threading.Event()
+
+    def __enter__(self) -> Lease:
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        while not self._create():
+            holder = self._holder() or {}
+            if not self._expired(holder):
+                if not holder:  # being written by its creator this very moment
+                    time.sleep(0.1)
+                    continue
+                job = f"SLURM job {holder['job']}, " if holder.get("job") else ""
+                raise FolderBusyError(
+                    f"{self.file.parent} is being written by {job}pid {holder.get('pid')} on {holder.get('host')} "
+                    f"(lock renewed {time.time() - self.file.stat().st_mtime:.0f} s ago). Fix: wait for that job "
+                    "to end, or cancel it, then rerun"
+                )
+            self.file.unlink(missing_ok=True)  # a dead holder's: take it over
+        threading.Thread(target=self._renew, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._holder() == self.me:
+            self.file.unlink(missing_ok=True)
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as out:
+            json.dump(self.me, out)
+        return True
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            return None  # gone, or being written: looked at again
+
+    def _expired(self, holder: dict) -> bool:
+        try:
+            age = time.time() - self.file.stat().st_mtime
+        except OSError:
+            return True
+        if age > self.lease_s or (holder.get("job") and holder.get("job") == self.me["job"]):
+            return True  # nobody renewed it, or this job held it before SLURM requeued it
+        if holder.get("host") == self.me["host"]:
+            try:
+                os.kill(int(holder["pid"]), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError, KeyError):
+                pass
+        return False
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_s / 6):
+            try:
+                os.utime(self.file)
+            except OSError:
+                return

@@ -101,6 +101,25 @@ def run(
     sweep_job: SweepJob | None = None,
 ) -> dict[str, float]:
     """Train and test one configuration; returns metrics.json's content (eval_wer is what sweeps minimise).
+    A shared trunk's job (or a branch's) first takes that folder's lease: one writer at a time."""
+    job_role = branches.role(cfg)
+    if job_role is None:
+        return _run(cfg, output_dir, overrides, callbacks, resume_from_checkpoint, sweep_job)
+    trunk = branches.TrunkFolder(cfg.branch.trunk_dir)
+    folder = trunk.path if job_role == "trunk" else trunk.branch(cfg.trainer.epochs)
+    with branches.Lease(folder, cfg.branch.lease_s, requeue.job_id()):
+        return _run(cfg, output_dir, overrides, callbacks, resume_from_checkpoint, sweep_job)
+
+
+def _run(
+    cfg: DictConfig,
+    output_dir: str | Path,
+    overrides: Sequence[str],
+    callbacks: Sequence[TrainerCallback],
+    resume_from_checkpoint: str | None,
+    sweep_job: SweepJob | None,
+) -> dict[str, float]:
+    """`run`'s work, once its lease (if any) is held.
 
     The MLflow run opens first, so a job that fails on its data is recorded as FAILED too.
     `callbacks` join the Trainer's (a sweep's pruning callback); one raising `RunPruned` stops the

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -263,3 +264,35 @@ def test_a_trunk_trained_on_other_data_is_refused(tmp_path):
     assert trunk.trunk_run_id() == "run-1"
     with pytest.raises(ConfigError, match=r"trained on other data \(dataset fingerprint aaaa, now bbbb\).*Fix: move"):
         trunk.check_data("bbbb")
+
+
+def test_a_trunk_written_by_a_live_job_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
+    """Two sweeps on one trunk (a rerun while the first sweep's SLURM jobs still run): the second job stops
+    with one line naming the holder; a lock left by a killed job is taken over."""
+    work = tmp_path
+    for name in ("train.py", "conf"):
+        (work / name).symlink_to(REPO_DIR / name)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        trunks = work / "outputs" / "trunks"
+        # the trunk folder of this grid: the sweeper names it after the config (read from a plan-free dry run)
+        done = _train("-m", "trainer.epochs=1", "trainer.lr_scheduler=wsd", "hydra/sweeper=branches", *SIZE,
+                      "hydra.sweep.dir=multirun/a", "tracking.enabled=false", cwd=work)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        [trunk] = list(trunks.iterdir())
+        shutil.rmtree(trunk)  # the same grid again from the start, while a live process holds the lock
+        trunk.mkdir()
+        lock = {"host": socket.gethostname(), "pid": holder.pid, "job": "4242_0"}
+        (trunk / "lock.json").write_text(json.dumps(lock))
+        done = _train("-m", "trainer.epochs=1", "trainer.lr_scheduler=wsd", "hydra/sweeper=branches", *SIZE,
+                      "hydra.sweep.dir=multirun/b", "tracking.enabled=false", cwd=work)  # fmt: skip
+        assert done.returncode == 1
+        last = [line for line in done.stderr.splitlines() if line.strip()][-1]
+        assert last.startswith("error: ") and f"SLURM job 4242_0, pid {holder.pid}" in last and "Fix:" in last
+        assert not (trunk / "checkpoints").exists()  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    with branches.Lease(trunk, lease_s=180) as lease:  # the holder is dead now: taken over
+        assert json.loads((trunk / "lock.json").read_text())["pid"] == os.getpid()
+    assert not (trunk / "lock.json").exists() and lease
