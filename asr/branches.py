@@ -150,6 +150,20 @@ class TrunkFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / TRUNK_FILE).write_text(json.dumps({**self._record(), **values}))
 
+    def prune_forks(self) -> list[Path]:
+        """Delete the forks a rerun can no longer need: those whose branch is done and that a newer fork
+        has passed (the trunk resumes from its furthest fork, never from an older one). ~7 GB each for
+        w2v-bert-2.0 with its optimizer state. Returns what was deleted."""
+        forks = sorted((checkpoint_step(p), p) for p in (self.path / "forks").glob("step-*") if _step_of(p) is not None)
+        done = {
+            json.loads(record.read_text()).get("fork_step")
+            for record in (self.path / "branches").glob(f"*/{DONE_FILE}")
+        }
+        pruned = [path for step, path in forks[:-1] if step in done]
+        for path in pruned:
+            shutil.rmtree(path, ignore_errors=True)
+        return pruned
+
     def trunk_run_id(self) -> str | None:
         return self._record().get("run_id")
 

@@ -46,6 +46,9 @@ MEASURED = {
         "what": "bf16, sdpa, batch 64 x 6 s, no checkpointing",
     },
 }
+# A checkpoint holds fp32 weights (4 bytes a parameter) and AdamW's two moments (8 more): ~7 GB for w2v-bert-2.0.
+CHECKPOINT_BYTES_PER_PARAMETER = 12
+KNOWN_PARAMETERS = {"w2v-bert-2.0": 606e6}  # models read from the Hub, whose shape the plan cannot load offline
 VARIABLE_LENGTH_NOTE = (
     "our H200 measurement with variable-length batches at the seed's batch 4 reached only 21-26 audio s/s "
     "(new shapes every step): on real data the seed's settings may cost ~4x these hours"
@@ -317,6 +320,43 @@ def shared_trunk_line(jobs: list[tuple[str, list[str], list[str]]], plans: list[
     )
 
 
+def checkpoint_gib(cfg: DictConfig) -> float | None:
+    """Disk of one full checkpoint of this job's model (weights and optimizer state)."""
+    from asr.model import from_checkpoint, shape_config
+
+    parameters = KNOWN_PARAMETERS.get(cfg.model.name)
+    if parameters is None and not from_checkpoint(cfg.model):
+        import torch
+        from transformers import Wav2Vec2BertForCTC
+
+        config = shape_config(cfg.model)
+        config.vocab_size = config.vocab_size or 100  # the CTC head's size comes from the data: a character set
+        with torch.device("meta"):  # the shape only: no memory, no weights
+            parameters = sum(p.numel() for p in Wav2Vec2BertForCTC(config).parameters())
+    return parameters * CHECKPOINT_BYTES_PER_PARAMETER / 2**30 if parameters else None
+
+
+def disk_line(jobs: list[tuple[str, list[str], list[str]]], shared: bool) -> str | None:
+    """The checkpoints a grid keeps on disk at most: `save_total_limit` per job; a shared-trunk grid adds
+    its trunk's own and its forks (every one with branch.keep_forks, else the newest two)."""
+    cfg = compose_job(jobs[0][1])
+    try:
+        each = checkpoint_gib(cfg)
+    except Exception as err:  # noqa: BLE001  (a plan line; the plan itself must go on)
+        log.warning("plan: no checkpoint size for model %s (%s)", cfg.model.name, err)
+        return None
+    if each is None:
+        return None
+    limit = cfg.trainer.save_total_limit or 1
+    count = len(jobs) * limit
+    what = f"{len(jobs)} job(s) x {limit}"
+    if shared:
+        forks = len(jobs) if cfg.branch.keep_forks else min(2, len(jobs))
+        count += limit + forks
+        what += f" + the trunk's {limit} + {forks} fork(s)"
+    return f"disk: up to {count * each:,.1f} GiB of checkpoints ({what}, {each:,.2f} GiB each)"
+
+
 def allocation_lines(plans: list[JobPlan], launcher: DictConfig | None) -> list[str]:
     """A SLURM launcher's time limit against each job's GPU-hours: how many allocations (a job
     requeued on its time limit resumes from its checkpoint, asr/requeue.py) and whether
@@ -354,6 +394,8 @@ def print_plan(
     `launcher`: a SLURM launcher's config: each job's allocations under its time limit."""
     plans = plan_jobs(jobs)
     print(render(plans, title, multiplier))
+    if not any(p.error for p in plans) and (line := disk_line(jobs, shared=cooldown is not None)):
+        print(line)
     for line in allocation_lines(plans, launcher):
         print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout)
     if cooldown is not None and not any(p.error for p in plans):

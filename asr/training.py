@@ -300,6 +300,7 @@ def _train_and_test(
             cfg.trainer.epochs,
             {"run_id": tracker.run_id, "output_dir": str(output_dir.resolve()), **metrics},
         )
+        _prune_forks(cfg, trunk)
     log.info(
         "eval WER %.4f (best, step %s) | test WER %.4f, CER %.4f | %s",
         metrics.get("eval_wer", float("nan")),
@@ -321,6 +322,11 @@ def _save_results(
     tracker.log_metrics({f"best_{k}": v for k, v in logged.items() if k in ("eval_cer", "eval_loss")}, step=step)
     for name in files:
         tracker.log_artifact(output_dir / name)
+
+
+def _prune_forks(cfg: DictConfig, trunk: branches.TrunkFolder) -> None:
+    if not cfg.branch.keep_forks and (pruned := trunk.prune_forks()):
+        log.info("Deleted %d fork(s) no rerun can need (branch.keep_forks=false): %s", len(pruned), pruned)
 
 
 class _ForgetTrunkBest(TrainerCallback):
@@ -390,9 +396,10 @@ def _train_trunk(
         )
         trainer.train(resume_from_checkpoint=str(start) if start else None)
         trunk.keep_fork(trunk.checkpoints / f"checkpoint-{fork}", fork)
+        _prune_forks(cfg, trunk)
         metrics.update(best_eval(trainer.state.log_history, after_step=start_step))
         metrics.update(throughput.summary)
-    elif not requeue.is_complete(trunk.fork(fork)):  # killed while copying it: the trunk's checkpoint is there
+    elif not requeue.is_complete(trunk.fork(fork)) and not trunk.done(cfg.trainer.epochs):  # killed mid-copy
         log.info("Trunk: keeping step %d (the fork of %g epochs) from %s", fork, cfg.trainer.epochs, start)
         trunk.keep_fork(start, fork)
     else:

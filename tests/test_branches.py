@@ -135,8 +135,10 @@ def test_branches_share_one_trunk_and_cost_fewer_steps(grid):
     trunks = list((work / "outputs" / "trunks").iterdir())
     assert len(trunks) == 1, trunks  # one trunk for both lengths
     trunk = branches.TrunkFolder(trunks[0])
-    # 64 utterances in batches of 8: 8 steps per epoch; forks at 8-2 and 16-3
-    assert sorted(p.name for p in (trunk.path / "forks").iterdir()) == ["step-13", "step-6"]
+    # 64 utterances in batches of 8: 8 steps per epoch; forks at 8-2 and 16-3; the fork at 6 is deleted once
+    # its branch is done and the trunk has passed it (branch.keep_forks=false): no rerun can need it
+    assert sorted(p.name for p in (trunk.path / "forks").iterdir()) == ["step-13"]
+    assert "Deleted 1 fork(s) no rerun can need" in done.stdout + done.stderr
     compute = json.loads((sweep / "branches.json").read_text())
     assert compute["independent_steps"] == 8 + 16
     assert compute["compute_steps"] == 13 + 2 + 3  # the trunk once, then each cooldown
@@ -213,7 +215,7 @@ def test_rerun_resumes_the_trunk_and_skips_finished_branches(grid):
     done = _train("-m", *GRID, *SIZE, "hydra.sweep.dir=multirun/second", cwd=work)
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
-    assert "Trunk: steps 6 → 13" in output  # from the fork at 6, not from 0
+    assert "Trunk: steps 6 → 13" in output  # from its own checkpoint at 6, not from 0
     assert output.count("finished earlier") == 1  # the branch of 1 epoch
     compute = json.loads((work / "multirun" / "second" / "branches.json").read_text())
     assert compute["compute_steps"] == 7 + 3
@@ -296,3 +298,14 @@ def test_a_trunk_written_by_a_live_job_is_refused_and_a_dead_ones_lock_taken_ove
     with branches.Lease(trunk, lease_s=180) as lease:  # the holder is dead now: taken over
         assert json.loads((trunk / "lock.json").read_text())["pid"] == os.getpid()
     assert not (trunk / "lock.json").exists() and lease
+
+
+def test_forks_are_kept_only_while_a_rerun_can_need_them(tmp_path):
+    trunk = branches.TrunkFolder(tmp_path)
+    for step in (6, 13, 30):
+        (trunk.fork(step)).mkdir(parents=True)
+    trunk.mark_done(1, {"fork_step": 6})
+    trunk.mark_done(2, {"fork_step": 13})
+    assert trunk.prune_forks() == [trunk.fork(6), trunk.fork(13)]  # done, and passed by the fork at 30
+    trunk.mark_done(4, {"fork_step": 30})
+    assert trunk.prune_forks() == [] and trunk.fork(30).is_dir()  # the furthest fork: the trunk resumes from it

@@ -48,6 +48,8 @@ def test_seed_grid_on_openslr54_plans_near_140_gpu_hours(tmp_path):
     assert 5 <= total(out, "with trainer=gpu_fast:") <= 20, out
     assert "our H200 measurement" in out and "approximate figure (165 h)" in out and "absent" in out
     assert "nothing submitted" in out and not (sweep_dir / ".submitit").exists()
+    # 606 M parameters x (4 bytes of weights + 8 of AdamW state), save_total_limit 2 per job
+    assert "disk: up to 40.6 GiB of checkpoints (3 job(s) x 2, 6.77 GiB each)" in out, out
     # 48 h allocations (less the 5-minute warning): the 40-epoch job needs more than one, within max_num_timeout
     allocations = dict(re.findall(r"^job (\d): [\d.,]+ GPU-h in allocations of 48 h: (\d+)$", out, re.M))
     assert sorted(allocations) == ["0", "1", "2"] and int(allocations["2"]) >= 2, out
