@@ -20,6 +20,7 @@ from datasets import Dataset, DatasetDict
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import BatchSampler, DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments, Wav2Vec2BertProcessor, get_wsd_schedule
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PredictionOutput, seed_worker
 
 from asr.batching import DurationBatchSampler, PadPolicy
@@ -282,6 +283,15 @@ class CTCTrainer(Trainer):
         accum = self.args.gradient_accumulation_steps
         return max(batches // accum + int(batches % accum > 0), 1)
 
+    def _get_train_sampler(self, train_dataset=None):
+        """trainer.group_by_length: transformers' length-grouped order, drawn from seed + epoch instead of
+        torch's global RNG, so a run resumed mid-epoch (a requeued job, a branch at its fork) sees the
+        batches the uninterrupted run saw (the global RNG is restored only after the order is drawn)."""
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            sampler = EpochSeededLengthGroupedSampler.like(sampler, self.args.data_seed or self.args.seed)
+        return sampler
+
     def train_batch_sampler(self, dataset: Dataset) -> DurationBatchSampler:
         return DurationBatchSampler(
             dataset[LENGTH_COLUMN],
@@ -373,6 +383,21 @@ class CTCTrainer(Trainer):
         if logits is not None:
             logits = blank_padded_frames(logits, inputs.get("attention_mask"), self.accelerator.unwrap_model(model))
         return loss, logits, labels
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """LengthGroupedSampler whose order depends on (seed, epoch) only (the Trainer calls `set_epoch`)."""
+
+    @classmethod
+    def like(cls, sampler: LengthGroupedSampler, seed: int) -> EpochSeededLengthGroupedSampler:
+        seeded = cls.__new__(cls)
+        seeded.__dict__.update(sampler.__dict__)
+        seeded.seed = seed
+        seeded.set_epoch(0)
+        return seeded
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
 
 
 def _eval_order(dataset) -> np.ndarray | None:

@@ -329,6 +329,16 @@ def _prune_forks(cfg: DictConfig, trunk: branches.TrunkFolder) -> None:
         log.info("Deleted %d fork(s) no rerun can need (branch.keep_forks=false): %s", len(pruned), pruned)
 
 
+class _NoEvaluationAtTheFork(TrainerCallback):
+    """The Trainer evaluates at its last step, here the fork; an independent run does not evaluate there
+    unless it is an eval step. That evaluation's data loader draws from torch's RNG before the fork's
+    checkpoint saves it, so the branch would resume with other dropout and SpecAugment draws."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps and state.global_step % state.eval_steps:
+            control.should_evaluate = False
+
+
 class _ForgetTrunkBest(TrainerCallback):
     """A branch starting at its fork: the trunk's best evaluation is not the branch's (its checkpoint
     is the trunk's), so load_best_model_at_end chooses among the branch's own evaluations."""
@@ -391,6 +401,7 @@ def _train_trunk(
         trainer.args.max_steps = fork
         trainer.args.load_best_model_at_end = False  # the trunk goes on from where it stopped, not from its best
         trainer.args.output_dir = str(trunk.checkpoints)
+        trainer.add_callback(_NoEvaluationAtTheFork())
         log.info(
             "Trunk: steps %d → %d (the fork of %g epochs), in %s", start_step, fork, cfg.trainer.epochs, trunk.path
         )

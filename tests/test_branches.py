@@ -309,3 +309,25 @@ def test_forks_are_kept_only_while_a_rerun_can_need_them(tmp_path):
     assert trunk.prune_forks() == [trunk.fork(6), trunk.fork(13)]  # done, and passed by the fork at 30
     trunk.mark_done(4, {"fork_step": 30})
     assert trunk.prune_forks() == [] and trunk.fork(30).is_dir()  # the furthest fork: the trunk resumes from it
+
+
+def test_a_branch_with_dropout_and_length_grouping_is_the_independent_run(tmp_path):
+    """With dropout, layerdrop and SpecAugment (regularization=seed) every random draw counts: the trunk's
+    end-of-job evaluation at a fork between two evaluations must not move the RNG the branch resumes with,
+    and length-grouped batches (trainer.group_by_length=true) must come in the same order after the fork."""
+    setting = ["trainer.lr_scheduler=wsd", "regularization=seed", "trainer.group_by_length=true",
+               "trainer.batch_seconds=null", *SIZE, "tracking.enabled=false"]  # fmt: skip
+    for name in ("train.py", "conf"):
+        (tmp_path / name).symlink_to(REPO_DIR / name)
+    grid = _train("-m", "trainer.epochs=2", "hydra/sweeper=branches", *setting, "hydra.sweep.dir=grid", cwd=tmp_path)
+    assert grid.returncode == 0, grid.stderr[-3000:]
+    alone = _train("trainer.epochs=2", *setting, "hydra.run.dir=alone", cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+
+    def evals(folder: Path) -> dict[int, float]:
+        state = json.loads(next(folder.glob("checkpoints/checkpoint-16/trainer_state.json")).read_text())
+        return {e["step"]: e["eval_loss"] for e in state["log_history"] if "eval_loss" in e}
+
+    [trunk] = list((tmp_path / "outputs" / "trunks").iterdir())
+    branch, independent = evals(trunk / "branches" / "2"), evals(tmp_path / "alone")
+    assert branch[16] == pytest.approx(independent[16], rel=1e-5)  # fork at 13: the cooldown drew the same
