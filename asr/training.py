@@ -103,12 +103,15 @@ def run(
     """Train and test one configuration; returns metrics.json's content (eval_wer is what sweeps minimise).
     A shared trunk's job (or a branch's) first takes that folder's lease: one writer at a time."""
     job_role = branches.role(cfg)
-    if job_role is None:
-        return _run(cfg, output_dir, overrides, callbacks, resume_from_checkpoint, sweep_job)
-    trunk = branches.TrunkFolder(cfg.branch.trunk_dir)
-    folder = trunk.path if job_role == "trunk" else trunk.branch(cfg.trainer.epochs)
-    with branches.Lease(folder, cfg.branch.lease_s, requeue.job_id()):
-        return _run(cfg, output_dir, overrides, callbacks, resume_from_checkpoint, sweep_job)
+    # SLURM's signals are handled from the start: a job requeued or cancelled while it prepares its data
+    # must not leave a RUNNING MLflow run behind
+    with requeue.Interruption() as interruption:
+        if job_role is None:
+            return _run(cfg, output_dir, overrides, callbacks, resume_from_checkpoint, sweep_job, interruption)
+        trunk = branches.TrunkFolder(cfg.branch.trunk_dir)
+        folder = trunk.path if job_role == "trunk" else trunk.branch(cfg.trainer.epochs)
+        with branches.Lease(folder, cfg.branch.lease_s, requeue.job_id()):
+            return _run(cfg, output_dir, overrides, callbacks, resume_from_checkpoint, sweep_job, interruption)
 
 
 def _run(
@@ -118,6 +121,7 @@ def _run(
     callbacks: Sequence[TrainerCallback],
     resume_from_checkpoint: str | None,
     sweep_job: SweepJob | None,
+    interruption: requeue.Interruption,
 ) -> dict[str, float]:
     """`run`'s work, once its lease (if any) is held.
 
@@ -165,9 +169,8 @@ def _run(
             )
         )
         tracker.set_tag("output_dir", str(output_dir.resolve()))
-    interruption = requeue.Interruption()
     callbacks = [*callbacks, interruption.callback]
-    with interruption, threads.restored():  # a pruned trial leaves no reduced thread count to the next one
+    with threads.restored():  # a pruned trial leaves no reduced thread count to the next one
         try:
             if not tracker.reopened:
                 tracker.log_config(cfg)
@@ -396,7 +399,10 @@ def _train_trunk(
     start = trunk.latest_start(fork)
     start_step = branches.checkpoint_step(start) if start else 0
     metrics = {"trunk_start_step": start_step, "trunk_end_step": fork, "trunk_steps": fork - start_step}
-    if start_step < fork:
+    if trunk.done(cfg.trainer.epochs):  # a rerun: this length's branch is finished, its fork not needed
+        log.info("Trunk: the branch of %g epochs is done; nothing to train for its fork", cfg.trainer.epochs)
+        metrics.update(trunk_start_step=fork, trunk_steps=0)
+    elif start_step < fork:
         trainer.wsd = {**trainer.wsd, "hold": True}  # no decay: every branch decays on its own
         trainer.args.max_steps = fork
         trainer.args.load_best_model_at_end = False  # the trunk goes on from where it stopped, not from its best
@@ -410,7 +416,7 @@ def _train_trunk(
         _prune_forks(cfg, trunk)
         metrics.update(best_eval(trainer.state.log_history, after_step=start_step))
         metrics.update(throughput.summary)
-    elif not requeue.is_complete(trunk.fork(fork)) and not trunk.done(cfg.trainer.epochs):  # killed mid-copy
+    elif not requeue.is_complete(trunk.fork(fork)):  # the job was killed while copying it
         log.info("Trunk: keeping step %d (the fork of %g epochs) from %s", fork, cfg.trainer.epochs, start)
         trunk.keep_fork(start, fork)
     else:

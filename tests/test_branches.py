@@ -215,10 +215,11 @@ def test_rerun_resumes_the_trunk_and_skips_finished_branches(grid):
     done = _train("-m", *GRID, *SIZE, "hydra.sweep.dir=multirun/second", cwd=work)
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
-    assert "Trunk: steps 6 → 13" in output  # from its own checkpoint at 6, not from 0
+    assert "Trunk: steps 10 → 13" in output  # from its own checkpoint at 10, not from 0
+    assert "the branch of 1 epochs is done; nothing to train" in output  # its fork (pruned) is not remade
     assert output.count("finished earlier") == 1  # the branch of 1 epoch
     compute = json.loads((work / "multirun" / "second" / "branches.json").read_text())
-    assert compute["compute_steps"] == 7 + 3
+    assert compute["compute_steps"] == 3 + 3
     assert trunk.done(2)["test_loss"] == pytest.approx(first_2["test_loss"], rel=1e-5)  # the same result again
 
 

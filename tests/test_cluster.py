@@ -315,67 +315,84 @@ def _start_requeued_jobs_now(env: dict, stop: threading.Event) -> None:
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, env=env)
 
 
-def test_job_longer_than_its_time_limit_and_requeued_finishes_in_one_run(cluster, tmp_path):
-    """A grid job with a 1-minute time limit and ~3 allocations of work, also requeued and held by hand
-    mid-training (`scontrol requeuehold`: what preemption and node failures do, plus a hold), then released:
-    after the requeue its MLflow run is KILLED,
-    not RUNNING; each time-limit warning saves a checkpoint and requeues; every allocation resumes the same
-    run from its newest checkpoint, and the grid ends with one FINISHED child at the planned step count."""
-    env = {**cluster, "MLFLOW_EXPERIMENT_NAME": "cluster-requeue"}
+def _grid_job(sweep_dir: Path) -> Path | None:
+    jobs = [p for p in (sweep_dir / ".submitit").glob("*") if re.fullmatch(r"\d+(_\d+)?", p.name)]
+    return jobs[0] if jobs else None
+
+
+def _only_child(env: dict, experiment: str):
+    runs = runs_of(env, experiment)
+    [child] = [r for r in runs if r.data.tags.get("sweep_role") == "job"]
+    [parent] = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+    return child, parent
+
+
+def _requeue_grid(env: dict, sweep_dir: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "train.py", "-m", *SLURM, "trainer.epochs=1", "debug=fast", "trainer.eval_steps=50",
+           *extra, *SMALL_CORPUS, f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_job_longer_than_its_time_limit_finishes_in_one_run(cluster, tmp_path):
+    """A grid job with a 1-minute time limit and ~3 allocations of work: each warning (USR2, 30 s before the
+    limit) saves a checkpoint and requeues the job, each allocation resumes the same MLflow run, and the grid
+    ends with one FINISHED child at its planned step count."""
+    env = {**cluster, "MLFLOW_EXPERIMENT_NAME": "cluster-timeout"}
     sweep_dir = tmp_path / "grid"
-    cmd = [
-        sys.executable,
-        "train.py",
-        "-m",
-        *SLURM,
-        "hydra.launcher.timeout_min=1",
-        "hydra.launcher.signal_delay_s=30",
-        "trainer.epochs=1",
-        "debug=fast",
-        "trainer.max_steps=500",
-        "trainer.eval_steps=50",
-        *SMALL_CORPUS,
-        f"hydra.sweep.dir={sweep_dir}",
-    ]
-    driver = subprocess.Popen(cmd, cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    stop = threading.Event()
+    extra = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30", "trainer.max_steps=500"]
+    driver, stop = _requeue_grid(env, sweep_dir, *extra), threading.Event()
+    threading.Thread(target=_start_requeued_jobs_now, args=(env, stop), daemon=True).start()
     try:
-        deadline = time.monotonic() + 120
-        while not list((sweep_dir / "0" / "checkpoints").glob("checkpoint-*/trainer_state.json")):
-            assert time.monotonic() < deadline and driver.poll() is None, "the job never saved a checkpoint"
-            time.sleep(0.2)
-        [job] = [p for p in (sweep_dir / ".submitit").iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name)]
-        subprocess.run(["scontrol", "requeuehold", job.name], check=True, env=env)  # requeued, and held
-        while (
-            "PENDING"
-            not in subprocess.run(
-                ["squeue", "-h", "-j", job.name, "-o", "%T"], capture_output=True, text=True, env=env
-            ).stdout
-        ):
-            time.sleep(0.2)
-        [child] = [r for r in runs_of(env, "cluster-requeue") if r.data.tags.get("sweep_role") == "job"]
-        assert child.info.status == "KILLED"  # SIGTERM under submitit: closed, not a ghost RUNNING run
-        time.sleep(3)
-        assert driver.poll() is None  # a held job is waited for
-        subprocess.run(["scontrol", "release", job.name], check=True, env=env)
-        threading.Thread(target=_start_requeued_jobs_now, args=(env, stop), daemon=True).start()
         out, _ = driver.communicate(timeout=480)
     finally:
         stop.set()
         if driver.poll() is None:
             driver.kill()
     assert driver.returncode == 0, out[-5000:]
-    log = next(job.glob("*_log.out")).read_text()
+    log = next(_grid_job(sweep_dir).glob("*_log.out")).read_text()
     assert "Checkpoint saved at step" in log and "this job is timed-out" in log, log[-3000:]
-    runs = runs_of(env, "cluster-requeue")
-    [child] = [r for r in runs if r.data.tags.get("sweep_role") == "job"]
-    assert child.info.status == "FINISHED" and int(child.data.tags["restarts"]) >= 2
+    child, parent = _only_child(env, "cluster-timeout")
+    assert child.info.status == parent.info.status == "FINISHED" and int(child.data.tags["restarts"]) >= 2
     steps = [m.step for m in client(env).get_metric_history(child.info.run_id, "loss")]
-    assert len(steps) == len(set(steps)) and max(steps) == 500
-    metrics = json.loads((sweep_dir / "0" / "metrics.json").read_text())
-    assert metrics["train_steps"] == 500
-    [parent] = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
-    assert parent.info.status == "FINISHED"
+    assert len(steps) == len(set(steps)) and max(steps) == 500  # the steps go on; none logged twice
+    assert json.loads((sweep_dir / "0" / "metrics.json").read_text())["train_steps"] == 500
+
+
+def test_job_requeued_and_held_mid_training_resumes_in_one_run(cluster, tmp_path):
+    """`scontrol requeue` mid-training (what preemption and node failures do: SIGTERM, no warning): the run
+    is closed KILLED, never left RUNNING; held while pending and released, the job resumes from its last
+    checkpoint in the same MLflow run, and the grid ends with one FINISHED child."""
+    env = {**cluster, "MLFLOW_EXPERIMENT_NAME": "cluster-requeue"}
+    sweep_dir = tmp_path / "grid"
+    driver, stop = _requeue_grid(env, sweep_dir, "trainer.max_steps=300"), threading.Event()
+    try:
+        deadline = time.monotonic() + 120
+        while not list((sweep_dir / "0" / "checkpoints").glob("checkpoint-*/trainer_state.json")):
+            assert time.monotonic() < deadline and driver.poll() is None, "the job never saved a checkpoint"
+            time.sleep(0.2)
+        job = _grid_job(sweep_dir).name
+        subprocess.run(["scontrol", "requeue", job], check=True, env=env)
+        while "PENDING" not in subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
+                                              text=True, env=env).stdout:  # fmt: skip
+            time.sleep(0.2)
+        child, _ = _only_child(env, "cluster-requeue")
+        assert child.info.status == "KILLED"  # SIGTERM under submitit: closed, not a ghost RUNNING run
+        subprocess.run(["scontrol", "hold", job], check=True, env=env)
+        time.sleep(3)
+        assert driver.poll() is None  # a held job is waited for
+        subprocess.run(["scontrol", "release", job], check=True, env=env)
+        threading.Thread(target=_start_requeued_jobs_now, args=(env, stop), daemon=True).start()
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        stop.set()
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, out[-5000:]
+    log = next(_grid_job(sweep_dir).glob("*_log.out")).read_text()
+    assert "resuming from" in log and "checkpoint-" in log.split("resuming from", 1)[1].splitlines()[0], log[-3000:]
+    child, parent = _only_child(env, "cluster-requeue")
+    assert child.info.status == parent.info.status == "FINISHED" and child.data.tags["restarts"] == "1"
+    assert json.loads((sweep_dir / "0" / "metrics.json").read_text())["train_steps"] == 300
 
 
 def test_wait_sees_late_results_job_errors_and_multi_task_jobs(cluster, tmp_path):

@@ -45,34 +45,26 @@ def test_latest_checkpoint_skips_and_drops_an_interrupted_save(tmp_path):
     assert not (tmp_path / "checkpoint-150").exists() and (tmp_path / "checkpoint-50").exists()
 
 
-def _job_pid(sweep_dir: Path) -> int | None:
-    """The training process of the grid's job (submitit runs it as `python -m submitit.core._submit <folder>`)."""
+def _job_pid(sweep_dir: Path, job_dir: Path | None = None) -> int | None:
+    """The training process of a job of the grid (submitit runs it as `python -m submitit.core._submit
+    <folder>`); `job_dir`: the one whose run writes there (its open files)."""
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
         if "submitit.core._submit" in cmdline and str(sweep_dir) in cmdline:
-            return int(proc.name)
+            if job_dir is None or _writes_in(proc, job_dir):
+                return int(proc.name)
     return None
 
 
-def _grid(sweep_dir: Path, env: dict, signum: int | None = None) -> subprocess.CompletedProcess:
-    """The grid as a user types it; with `signum`, sent to its job once it saved its first checkpoint."""
-    cmd = [sys.executable, "train.py", "-m", *GRID, *SMALL_CORPUS, f"hydra.sweep.dir={sweep_dir}"]
-    driver = subprocess.Popen(cmd, cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _writes_in(proc: Path, folder: Path) -> bool:
+    """The process has a file of `folder` open (its Hydra job log, train.log)."""
     try:
-        if signum is not None:
-            deadline = time.monotonic() + 240
-            while not list((sweep_dir / "0" / "checkpoints").glob("checkpoint-*/trainer_state.json")):
-                assert time.monotonic() < deadline and driver.poll() is None, "the job never saved a checkpoint"
-                time.sleep(0.2)
-            os.kill(_job_pid(sweep_dir), signum)
-        out, _ = driver.communicate(timeout=300)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    return subprocess.CompletedProcess(cmd, driver.returncode, out)
+        return any(str(folder) + "/" in os.readlink(fd) for fd in (proc / "fd").iterdir())
+    except OSError:
+        return False
 
 
 def _child_runs(experiment: str) -> list:
@@ -84,82 +76,77 @@ def _child_runs(experiment: str) -> list:
     return [r for r in runs if r.data.tags.get("sweep_role") == "job"]
 
 
-def _eval_curve(sweep_dir: Path) -> list[tuple[int, float]]:
-    state = json.loads((Path(latest_checkpoint(sweep_dir / "0" / "checkpoints")) / "trainer_state.json").read_text())
+def _eval_curve(run_dir: Path) -> list[tuple[int, float]]:
+    state = json.loads((Path(latest_checkpoint(run_dir / "checkpoints")) / "trainer_state.json").read_text())
     return [(e["step"], e["eval_loss"]) for e in state["log_history"] if "eval_loss" in e]
 
 
 def test_warning_signal_checkpoints_requeues_and_resumes_the_same_run(tmp_path):
     """USR2 mid-training (SLURM's warning before the time limit): the job saves a checkpoint at the end
     of its step, submitit requeues it, and the next start resumes from that step in the same MLflow
-    run. The result is the uninterrupted run's: same steps, same evaluations, same test WER."""
+    run. Its result is its uninterrupted twin's (the grid's other job, run alongside): same steps, same
+    evaluations, same test WER."""
     from mlflow.tracking import MlflowClient
 
+    sweep_dir = tmp_path / "grid"
     env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": "requeue-usr2"}
-    plain = _grid(tmp_path / "plain", {**env, "MLFLOW_EXPERIMENT_NAME": "requeue-none"})
-    assert plain.returncode == 0, plain.stdout[-3000:]
-    requeued = _grid(tmp_path / "requeued", env, signal.SIGUSR2)
-    assert requeued.returncode == 0, requeued.stdout[-3000:]
+    cmd = [sys.executable, "train.py", "-m", *GRID, "tracking.run_name=twin,requeued", *SMALL_CORPUS,
+           f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    driver = subprocess.Popen(cmd, cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((sweep_dir / "1" / "checkpoints").glob("checkpoint-*/trainer_state.json")):
+            assert time.monotonic() < deadline and driver.poll() is None, "the job never saved a checkpoint"
+            time.sleep(0.2)
+        os.kill(_job_pid(sweep_dir, job_dir=sweep_dir / "1"), signal.SIGUSR2)
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, out[-3000:]
 
-    log = next((tmp_path / "requeued" / ".submitit").glob("*/*_0_log.out")).read_text()
+    log = next(p for p in sweep_dir.glob(".submitit/*/*_0_log.out") if "Checkpoint saved" in p.read_text())
+    log = log.read_text()
     saved = int(log.split("Checkpoint saved at step ")[1].split(";")[0])
     assert 50 <= saved < 200 and "Requeued job" in log and "resuming from" in log, log[-3000:]
-    assert f"checkpoint-{saved}" in log.split("resuming from", 1)[1].splitlines()[0]
+    assert f"1/checkpoints/checkpoint-{saved}" in log.split("resuming from", 1)[1].splitlines()[0]
 
-    expected = json.loads((tmp_path / "plain" / "0" / "metrics.json").read_text())
-    got = json.loads((tmp_path / "requeued" / "0" / "metrics.json").read_text())
+    expected = json.loads((sweep_dir / "0" / "metrics.json").read_text())
+    got = json.loads((sweep_dir / "1" / "metrics.json").read_text())
     assert got["train_steps"] == expected["train_steps"] == 200
     assert got["test_wer"] == pytest.approx(expected["test_wer"], abs=0.01)
     # one thread per job, data order and RNG restored: the same computation, evaluation by evaluation
-    assert [s for s, _ in _eval_curve(tmp_path / "requeued")] == [s for s, _ in _eval_curve(tmp_path / "plain")]
-    for (step, loss), (_, want) in zip(_eval_curve(tmp_path / "requeued"), _eval_curve(tmp_path / "plain")):
+    assert [s for s, _ in _eval_curve(sweep_dir / "1")] == [s for s, _ in _eval_curve(sweep_dir / "0")]
+    for (step, loss), (_, want) in zip(_eval_curve(sweep_dir / "1"), _eval_curve(sweep_dir / "0")):
         assert loss == pytest.approx(want, rel=1e-4), step
 
-    [child] = _child_runs("requeue-usr2")  # one run for both allocations, no ghost
+    children = {r.info.run_name: r for r in _child_runs("requeue-usr2")}  # one run per job, no ghost
+    assert sorted(children) == ["requeued", "twin"]
+    child = children["requeued"]
     assert child.info.status == "FINISHED" and child.data.tags["restarts"] == "1"
-    history = MlflowClient().get_metric_history(child.info.run_id, "loss")
-    steps = [m.step for m in history]
+    assert "restarts" not in children["twin"].data.tags
+    steps = [m.step for m in MlflowClient().get_metric_history(child.info.run_id, "loss")]
     assert len(steps) == len(set(steps)) and max(steps) == 200  # steps go on, none logged twice
     assert child.data.metrics["test_wer"] == pytest.approx(got["test_wer"])
 
 
-def test_sigterm_closes_the_run_killed_under_submitit(tmp_path):
-    """scancel / the time limit's kill send SIGTERM, which submitit ignores: the run must not stay RUNNING."""
-    env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": "requeue-sigterm"}
-    result = _grid(tmp_path / "grid", env, signal.SIGTERM)
-    assert result.returncode != 0
-    [child] = _child_runs("requeue-sigterm")
-    assert child.info.status == "KILLED"
-
-
-def test_sweep_worker_requeued_on_the_warning_signal_resumes_its_trial(tmp_path):
-    """A study's worker as a submitit job gets the warning signal mid-trial: the trial saves a checkpoint,
-    submitit requeues the worker, and the requeued worker runs the trial again from that checkpoint;
-    the study ends with its one trial COMPLETE, the interrupted trial's MLflow run KILLED, not RUNNING."""
-    import optuna
+def test_trunk_job_requeued_on_the_warning_signal_resumes_and_keeps_its_fork(tmp_path):
+    """A shared trunk's job gets the warning signal mid-stretch: it checkpoints, is requeued, resumes
+    from that checkpoint in the trunk's one MLflow run, keeps its fork, and the grid finishes."""
     from mlflow.tracking import MlflowClient
 
-    sweep_dir = tmp_path / "study"
-    cmd = [
-        sys.executable,
-        "sweep.py",
-        "hydra/launcher=local_parallel",
-        "sweep.workers=1",
-        "sweep.n_trials=1",
-        "sweep.pruner.name=none",
-        "sweep.study_name=requeued_worker",
-        f"sweep.dir={sweep_dir}",
-        "tracking.experiment=requeue-worker",
-        "debug=fast",
-        "trainer.max_steps=200",
-        "trainer.eval_steps=50",
-        *SMALL_CORPUS,
-    ]
-    driver = subprocess.Popen(cmd, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep_dir = tmp_path / "grid"
+    env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": "requeue-trunk"}
+    # 16 epochs of 8 steps: the trunk trains 102 steps to the fork, the branch the last 26
+    cmd = [sys.executable, "train.py", "-m", "hydra/launcher=local_parallel", "trainer.epochs=16",
+           "trainer.lr_scheduler=wsd", "hydra/sweeper=branches", "debug=fast", "trainer.max_steps=null",
+           "trainer.eval_steps=20", *SMALL_CORPUS, f"hydra.sweep.dir={sweep_dir}",
+           f"hydra.sweeper.trunks_dir={tmp_path / 'trunks'}"]  # fmt: skip
+    driver = subprocess.Popen(cmd, cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
-        while not list(sweep_dir.glob("trial_0000/checkpoints/checkpoint-*/trainer_state.json")):
-            assert time.monotonic() < deadline and driver.poll() is None, "the trial never saved a checkpoint"
+        while not list((tmp_path / "trunks").glob("*/checkpoints/checkpoint-*/trainer_state.json")):
+            assert time.monotonic() < deadline and driver.poll() is None, "the trunk never saved a checkpoint"
             time.sleep(0.2)
         os.kill(_job_pid(sweep_dir), signal.SIGUSR2)
         out, _ = driver.communicate(timeout=300)
@@ -167,12 +154,13 @@ def test_sweep_worker_requeued_on_the_warning_signal_resumes_its_trial(tmp_path)
         if driver.poll() is None:
             driver.kill()
     assert driver.returncode == 0, out[-3000:]
-    study = optuna.load_study(study_name="requeued_worker", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
-    first, retry = study.trials
-    assert first.state.name == "FAIL" and first.user_attrs["interrupted"]
-    assert retry.state.name == "COMPLETE" and retry.system_attrs["retry_history"] == [0]
-    saved = json.loads((Path(retry.user_attrs["resumed_from"]) / "trainer_state.json").read_text())["global_step"]
-    assert 50 <= saved < 200 and retry.user_attrs["metrics"]["train_steps"] == 200
+    [trunk] = list((tmp_path / "trunks").iterdir())
+    logs = "".join(p.read_text() for p in sweep_dir.glob(".submitit/*/*_log.out"))
+    saved = int(logs.split("Checkpoint saved at step ")[1].split(";")[0])
+    assert 20 <= saved < 102 and f"Trunk: steps {saved} → 102" in logs, logs[-3000:]
+    assert (trunk / "forks" / "step-102" / "trainer_state.json").is_file()
+    assert json.loads((trunk / "branches" / "16" / "done.json").read_text())["train_steps"] == 128
     client = MlflowClient()
-    assert client.get_run(first.user_attrs["mlflow_run_id"]).info.status == "KILLED"
-    assert client.get_run(retry.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+    runs = client.search_runs([client.get_experiment_by_name("requeue-trunk").experiment_id])
+    roles = sorted(r.data.tags.get("branch_role", r.data.tags.get("sweep_role")) for r in runs)
+    assert roles == ["branch", "parent", "trunk"] and all(r.info.status == "FINISHED" for r in runs)
