@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import SeamlessM4TFeatureExtractor, Wav2Vec2BertConfig, Wav2Vec2BertForCTC, Wav2Vec2CTCTokenizer
 
+from asr.attention import use_relative_key_bias
 from asr.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ def build_model(
     """`attn_implementation` (a trainer preset's choice) overrides model.attn_implementation."""
     overrides = _config_overrides(model_cfg, reg_cfg, tokenizer)
     attn = attn_implementation or model_cfg.attn_implementation
+    use_relative_key_bias(model_cfg.relative_key_bias)  # the same bias, without an L x L x D tensor (asr/attention.py)
     if from_checkpoint(model_cfg):
         log.info("Loading pretrained %s", model_cfg.name_or_path)
         model = Wav2Vec2BertForCTC.from_pretrained(model_cfg.name_or_path, attn_implementation=attn, **overrides)
