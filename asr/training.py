@@ -144,7 +144,7 @@ def _run(
     trunk = branches.TrunkFolder(cfg.branch.trunk_dir) if job_role else None
     record = _run_record(output_dir)
     restart = requeue.is_restart(record)  # SLURM requeued this job (time limit, preemption): go on where it stopped
-    if restart and job_role != "trunk":  # a trunk resumes from its own latest checkpoint
+    if restart and job_role is None:  # a trunk or a branch resumes from its own folder's latest checkpoint
         found = requeue.latest_checkpoint(output_dir / "checkpoints", drop_incomplete=True)
         resume_from_checkpoint = found or resume_from_checkpoint
         log.info("Requeued job %s: resuming from %s", requeue.job_id(), found or "the start (no checkpoint yet)")
