@@ -321,7 +321,12 @@ def test_killed_mid_trial_then_rerun_resumes_the_study_to_its_total(tmp_path, si
     )
     checkpoints = tmp_path / "study" / "trial_0001" / "checkpoints"
     deadline = time.monotonic() + 240
-    while not list(checkpoints.glob("checkpoint-*")) and proc.poll() is None and time.monotonic() < deadline:
+    # a complete checkpoint (trainer_state.json is written last): a kill during the first save leaves none
+    while (
+        not list(checkpoints.glob("checkpoint-*/trainer_state.json"))
+        and proc.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.2)
     assert proc.poll() is None, "the sweep ended before trial 1 wrote a checkpoint"
     os.kill(proc.pid, sig)
