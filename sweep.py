@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 import asr  # noqa: F401  (thread policy; registers the ${repo_dir:} resolver used in conf/)
 from asr import cli
+from asr.hydra_seam import submitit_launcher
 from asr.plan import print_study_plan
 from asr.sweep import run_study
 from asr.sweep.report import best_trial
@@ -27,7 +28,7 @@ def main(cfg: DictConfig) -> float | None:
         spec = spec_from_config(cfg, hydra_cfg.overrides.task)
         if cfg.sweep.plan:  # the trials' configs checked and their GPU-hours, nothing started
             raise SystemExit(print_study_plan(spec))
-        launcher = hydra_cfg.launcher if "submitit" in str(hydra_cfg.launcher.get("_target_", "")) else None
+        launcher = submitit_launcher(hydra_cfg.launcher)  # workers as submitit jobs; else processes here
         best = best_trial(run_study(spec, launcher, report_only=cfg.sweep.report_only))
     return best.value if best else None
 

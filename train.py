@@ -11,8 +11,8 @@ from omegaconf import DictConfig
 import asr  # noqa: F401  (thread policy; registers the ${repo_dir:} resolver used in conf/)
 from asr import cli, threads
 from asr.multirun import sweep_job
+from asr.pipeline import run
 from asr.plan import print_plan
-from asr.training import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -43,13 +43,12 @@ TRUNK_FILE = "trunk.json"  # the trunk's MLflow run, reopened by each trunk job
 
 def role(cfg: DictConfig) -> str | None:
     """`branch.role` of this job (None for a plain run), checked against the schedule it needs."""
-    branch = cfg.get("branch") or {}
-    value = branch.get("role")
+    value = cfg.branch.role
     if value is None:
         return None
     if value not in ROLES:
         raise ConfigError(f"branch.role={value!r} is not a role. Fix: branch.role=trunk or branch (or leave it null)")
-    if not branch.get("trunk_dir"):
+    if not cfg.branch.trunk_dir:
         raise ConfigError("branch.role is set without branch.trunk_dir. Fix: run the grid with hydra/sweeper=branches")
     check_settings(cfg)
     return value

@@ -1,11 +1,12 @@
-"""A one-node SLURM cluster, a PostgreSQL server and an MLflow server on this machine (as root).
+"""A one-node SLURM cluster, a PostgreSQL server and an MLflow server on this machine (as root): a development
+and test tool, apart from the package (nothing in asr/ imports it).
 
 For the tests and for trying the cluster path before using a real cluster:
 
-    sudo .venv/bin/python -m asr.cluster.local up       # starts everything, prints the environment to export
-    eval "$(.venv/bin/python -m asr.cluster.local env)"  # SLURM_CONF, MLFLOW_TRACKING_URI, OPTUNA_STORAGE
+    sudo .venv/bin/python -m asr.devcluster up       # starts everything, prints the environment to export
+    eval "$(.venv/bin/python -m asr.devcluster env)"  # SLURM_CONF, MLFLOW_TRACKING_URI, OPTUNA_STORAGE
     python sweep.py hydra/launcher=slurm sweep.storage=$OPTUNA_STORAGE ...
-    sudo .venv/bin/python -m asr.cluster.local down     # stops everything it started (by PID)
+    sudo .venv/bin/python -m asr.devcluster down     # stops everything it started (by PID)
 
 Everything lives under one folder (--dir, default /tmp/asr-cluster) and listens on 127.0.0.1 only,
 on free ports picked at start: munged, slurmctld + slurmd (one node, 2 fake GPUs as GRES, so
@@ -343,7 +344,7 @@ def _signal(pid: int, sig: int, group: bool = False) -> None:
 
 
 SLURM_CONF = """\
-# One-node cluster written by `python -m asr.cluster.local up`; everything under {base}
+# One-node cluster written by `python -m asr.devcluster up`; everything under {base}
 ClusterName=asr-local
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
@@ -378,7 +379,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m asr.cluster.local", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m asr.devcluster", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "action",
         choices=["up", "down", "env", "status"],
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             cluster.up(mlflow=not args.no_mlflow)
             print(cluster.exports())
             print(
-                f"# logs in {cluster.base / 'logs'}; stop with: python -m asr.cluster.local down --dir {cluster.base}",
+                f"# logs in {cluster.base / 'logs'}; stop with: python -m asr.devcluster down --dir {cluster.base}",
                 file=sys.stderr,
             )
         elif args.action == "down":
@@ -405,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.action == "env":
             if not cluster.running():
                 raise RuntimeError(
-                    f"no local cluster runs from {cluster.base}: start one with `python -m asr.cluster.local up`"
+                    f"no local cluster runs from {cluster.base}: start one with `python -m asr.devcluster up`"
                 )
             print(cluster.exports())
         else:

@@ -14,3 +14,8 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A setting that cannot work (unknown option, impossible value, missing input)."""
+
+
+class RunPruned(Exception):
+    """Raised by a callback that stops a hopeless run early (a sweep's pruner). `asr.pipeline.run`
+    closes the run's MLflow run FINISHED with `trial_state=PRUNED` and re-raises it."""

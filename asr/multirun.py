@@ -13,7 +13,6 @@ KILLED after Ctrl-C/SIGTERM, never left RUNNING.
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import signal
 import tempfile
@@ -28,25 +27,13 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from asr.cli import fail
+from asr.hydra_seam import launcher_kind, override_key, sweep_keys, sweep_overrides, sweeper_kind
+from asr.records import SweepRecord
 from asr.sweep_summary import plot_name, plot_sweep, summary_table
 from asr.sweep_summary import swept_keys as table_swept_keys
 from asr.tracking import SweepJob, TrackingUnavailableError, close_parent_run, connect, create_parent_run
 
 log = logging.getLogger(__name__)
-
-SWEEP_FILE = "mlflow_sweep.json"  # in the sweep folder: how jobs find their parent run
-
-
-def sweep_overrides(config: DictConfig) -> list[str]:
-    """Command-line overrides plus an experiment preset's `hydra.sweeper.params` (the command line wins)."""
-    overrides = list(config.hydra.overrides.task)
-    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    params = config.hydra.sweeper.get("params") or {}
-    return overrides + [f"{key}={value}" for key, value in params.items() if key not in given]
-
-
-def sweep_keys(overrides: list[str]) -> list[str]:
-    return [o.key_or_group for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override()]
 
 
 def _first_job_composes(config: DictConfig, overrides: list[str]) -> bool:
@@ -74,8 +61,8 @@ class MlflowMultirunCallback(Callback):
     # ---- driver process ----------------------------------------------------------------------
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.sweep_dir = Path(config.hydra.sweep.dir)
-        (self.sweep_dir / SWEEP_FILE).unlink(missing_ok=True)  # never link jobs to an older sweep's parent
-        if not config.tracking.enabled or "asr_optuna_sweeper" in str(config.hydra.sweeper.get("_target_", "")):
+        SweepRecord.remove(self.sweep_dir)  # never link jobs to an older sweep's parent
+        if not config.tracking.enabled or sweeper_kind(config.hydra) == "optuna":
             return  # hydra/sweeper=optuna opens its own parent run per study (asr.sweep.parent_run)
         overrides = sweep_overrides(config)
         if not _first_job_composes(config, overrides):
@@ -86,20 +73,19 @@ class MlflowMultirunCallback(Callback):
             # Hydra turns a callback's exceptions into warnings and would start every job anyway.
             fail(f"not starting the sweep: {err}")
         keys = sweep_keys(overrides)
-        swept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in keys]
+        swept = [o for o in overrides if override_key(o) in keys]
         name = f"{' '.join(swept) or 'multirun'} @ {datetime.now():%Y-%m-%d %H:%M}"
         tags = {
             "sweep_dir": str(self.sweep_dir.resolve()),
             "overrides": " ".join(overrides),
-            "launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1],
+            "launcher": launcher_kind(config.hydra.launcher),
         }
         self.parent_run_id = create_parent_run(
             client, experiment_id, name, tags, {"sweep": " ".join(overrides), "swept_keys": ",".join(keys)}
         )
         self.tracking_uri = client.tracking_uri
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        record = {"parent_run_id": self.parent_run_id, "tracking_uri": self.tracking_uri, "swept_keys": keys}
-        (self.sweep_dir / SWEEP_FILE).write_text(json.dumps(record, indent=2))
+        SweepRecord(self.parent_run_id, self.tracking_uri, keys).write(self.sweep_dir)
         atexit.register(self._close_if_open)
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # SLURM's scancel: exit through atexit
             signal.signal(signal.SIGTERM, lambda signum, frame: exit(128 + signum))
@@ -160,10 +146,9 @@ class MlflowMultirunCallback(Callback):
 
 def sweep_job(hydra_cfg: DictConfig) -> SweepJob | None:
     """In a job of a `-m` grid (any process, any node): its place in the grid, read from the sweep folder."""
-    record_file = Path(hydra_cfg.sweep.dir) / SWEEP_FILE
-    if hydra_cfg.mode != RunMode.MULTIRUN or not record_file.is_file():
+    record = SweepRecord.read(Path(hydra_cfg.sweep.dir)) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    if record is None:
         return None
-    record = json.loads(record_file.read_text())
     parsed = OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task))
-    swept = {o.key_or_group: o.get_value_element_as_str() for o in parsed if o.key_or_group in record["swept_keys"]}
-    return SweepJob(record["parent_run_id"], int(hydra_cfg.job.num), swept)
+    swept = {o.key_or_group: o.get_value_element_as_str() for o in parsed if o.key_or_group in record.swept_keys}
+    return SweepJob(record.parent_run_id, int(hydra_cfg.job.num), swept)

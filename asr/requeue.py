@@ -29,6 +29,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from asr.records import RunRecord
+
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"  # written last by transformers' Trainer._save_checkpoint
@@ -43,11 +45,11 @@ def job_id() -> str | None:
     return submitit.JobEnvironment().job_id
 
 
-def is_restart(record: dict | None) -> bool:
+def is_restart(record: RunRecord | None) -> bool:
     """True when the run record in the output folder was written by this very job in an earlier
     allocation (SLURM keeps the job id when it requeues a job)."""
     current = job_id()
-    return bool(record and current and record.get("job_id") == current)
+    return bool(record and current and record.job_id == current)
 
 
 def is_complete(checkpoint: Path) -> bool:

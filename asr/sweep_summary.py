@@ -1,7 +1,7 @@
 """The summary of a grid or study: its jobs as a table sorted by WER (summary.csv), the WER plot,
 and the command that prints them from the tracking store.
 
-    python -m asr.sweep_summary               # the latest grid or study (also: python -m asr.compare)
+    python -m asr.sweep_summary               # the latest grid or study (make compare)
     python -m asr.sweep_summary <sweep_id>    # a given one (the parent run's id)
     make compare
 
@@ -132,13 +132,9 @@ def compare_top_two(client: MlflowClient, table: pd.DataFrame) -> str | None:
     folders = [Path(client.get_run(row["run_id"]).data.tags.get("output_dir", "")) for row in (best, second)]
     if not all((folder / "predictions_test.jsonl").is_file() for folder in folders):
         return None  # run folders on another machine
-    from omegaconf import OmegaConf
+    from asr.report import default_bootstrap, paired_comparison
 
-    from asr.evaluate import paired_comparison
-    from asr.paths import REPO_DIR
-
-    bootstrap = OmegaConf.load(REPO_DIR / "conf" / "evaluate.yaml").bootstrap
-    result = paired_comparison(folders[0], folders[1], "test", bootstrap)
+    result = paired_comparison(folders[0], folders[1], "test", default_bootstrap())
     return f"A = best job {best['job']}, B = runner-up job {second['job']}, test split: {result['wer']['verdict']}"
 
 

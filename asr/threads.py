@@ -8,7 +8,7 @@ Letting the waiting threads sleep (OMP_WAIT_POLICY=PASSIVE) fixes the collapse b
 of the idle pace on small models; shorter spinning does not help. What works is to use only the
 cores nobody else is using: `CpuShare` measures, from /proc/stat's lines for the CPUs this process
 may run on (or from its cgroup's usage under a CPU quota), how many cores other processes took since
-the last look, and `asr.trainer.ThreadGovernor` sets torch's thread count to the rest
+the last look, and `asr.torch_setup.ThreadGovernor` sets torch's thread count to the rest
 every few seconds (all of them again once the neighbour is gone). benchmarks/thread_policy.py
 measures it (docs/performance.md).
 
@@ -170,7 +170,9 @@ def restored():
 def match_launcher(launcher_cfg) -> None:
     """Jobs of hydra/launcher=local_parallel run side by side on one machine, and submitit's local
     executor does not limit them: each uses the launcher's `cpus_per_task` threads."""
-    if "OMP_NUM_THREADS" in os.environ or "LocalLauncher" not in str(launcher_cfg.get("_target_", "")):
+    from asr.hydra_seam import launcher_kind  # Hydra is imported by the launcher's process anyway
+
+    if "OMP_NUM_THREADS" in os.environ or launcher_kind(launcher_cfg) != "local":
         return
     cpus = launcher_cfg.get("cpus_per_task")
     if cpus:

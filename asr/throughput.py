@@ -80,7 +80,7 @@ class ThroughputCallback(TrainerCallback):
     """Logs `train_audio_seconds_per_second`, `train_padding_fraction`, shapes, memory and MFU.
 
     At every logging step (MLflow curves, through `tracker`) and once at the end (`self.summary`,
-    which training.py puts into metrics.json). Under DDP the end totals are summed over ranks.
+    which asr/pipeline.py puts into metrics.json). Under DDP the end totals are summed over ranks.
     """
 
     def __init__(

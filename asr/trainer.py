@@ -1,5 +1,6 @@
 """The Trainer of a run: TrainingArguments from our short config names, our batching, collator,
-metrics and callbacks (`build_trainer`), and the process-wide torch settings of a trainer preset.
+metrics and callbacks (`build_trainer`). The process-wide torch settings of a trainer preset are
+in asr.torch_setup.
 
 `CTCTrainer` is the HF Trainer with batches sized by audio seconds (asr.batching), evaluation
 batches sorted by length, and padded frames forced to the CTC blank before metrics see them.
@@ -8,8 +9,6 @@ batches sorted by length, and padded frames forced to the CTC blank before metri
 from __future__ import annotations
 
 import logging
-import os
-import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -29,8 +28,8 @@ from asr.collator import STATS_KEY, CTCCollator
 from asr.errors import ConfigError
 from asr.inference import blank_padded_frames
 from asr.metrics import argmax_logits, make_compute_metrics
-from asr.threads import CpuShare, threads_for, usable_cores
 from asr.throughput import BatchStats, ThroughputCallback
+from asr.torch_setup import ddp_on_cpu, resolve_precision, thread_callbacks
 from asr.tracking import MlflowMetricsCallback, MlflowRun
 
 log = logging.getLogger(__name__)
@@ -39,99 +38,13 @@ LENGTH_COLUMN = "input_length"  # feature frames per utterance, stored by asr.fe
 WSD_SHAPES = ("1-sqrt", "linear", "cosine")  # transformers' WSD decay types
 
 
-class ThreadGovernor(TrainerCallback):
-    """`trainer.cpu_threads=adaptive` on CPU: every `interval_s` seconds of training, torch gets the
-    cores other processes left free (asr.threads), so a busy neighbour slows training down instead
-    of stalling every OpenMP barrier; all cores come back when the neighbour is gone."""
-
-    def __init__(self, interval_s: float) -> None:
-        self.cores, self.interval_s = usable_cores(), interval_s
-        self.share, self.next_look = None, 0.0
-        self.initial = self.threads = torch.get_num_threads()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.share, self.next_look = CpuShare(), time.monotonic() + self.interval_s
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.share is None or time.monotonic() < self.next_look:
-            return
-        self.next_look = time.monotonic() + self.interval_s
-        others = self.share.others()
-        if others is None:
-            return
-        threads = threads_for(self.cores, others)
-        if threads != self.threads:
-            log.info(
-                "CPU threads %d → %d (other processes use %.1f of %d cores)", self.threads, threads, others, self.cores
-            )
-            torch.set_num_threads(threads)
-            self.threads = threads
-
-    def on_train_end(self, args, state, control, **kwargs):
-        torch.set_num_threads(self.initial)  # the test evaluation after training starts from every thread again
-
-
-def thread_callbacks(cfg: DictConfig) -> list[TrainerCallback]:
-    """trainer.cpu_threads: adaptive (the governor, on CPU without a fixed OMP_NUM_THREADS) | all."""
-    mode = cfg.get("cpu_threads", "adaptive")
-    if mode not in ("adaptive", "all"):
-        raise ConfigError(
-            f"trainer.cpu_threads={mode!r} is not a thread policy. Fix: trainer.cpu_threads=adaptive or all"
-        )
-    fixed = "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available()
-    return [ThreadGovernor(cfg.get("cpu_threads_check_s", 2.0))] if mode == "adaptive" and not fixed else []
-
-
-class RunPruned(Exception):
-    """Raised by a callback that stops a hopeless run early (a sweep's pruner). `asr.training.run`
-    closes the run's MLflow run FINISHED with `trial_state=PRUNED` and re-raises it."""
-
-
-def resolve_precision(precision: str) -> dict[str, bool]:
-    """auto = bf16 where the GPU supports it, else fp16 on CUDA, fp32 on CPU."""
-    cuda = torch.cuda.is_available()
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    if precision in ("fp16", "bf16") and not cuda:
-        log.warning("trainer.precision=%s needs a CUDA GPU; training in fp32 on this machine", precision)
-        precision = "fp32"
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(
-            f"trainer.precision={precision!r} is not a precision. Fix: trainer.precision=auto, fp32, fp16 or bf16"
-        )
-    return {"fp16": precision == "fp16", "bf16": precision == "bf16"}
-
-
-def _on_cuda(setting: bool, name: str) -> bool:
-    if setting and not torch.cuda.is_available():
-        log.info("trainer.%s applies to CUDA GPUs only; ignored on this machine", name)
-    return bool(setting) and torch.cuda.is_available()
-
-
-def configure_torch(cfg: DictConfig) -> None:
-    """Process-wide GPU settings of the trainer preset (no-ops on CPU); see conf/trainer/gpu_fast.yaml."""
-    if cfg.get("cuda_alloc_conf"):
-        # read by the CUDA caching allocator when it starts: set before anything touches the GPU
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", cfg.cuda_alloc_conf)
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.memory._set_allocator_settings(cfg.cuda_alloc_conf)
-    if _on_cuda(cfg.get("tf32", False), "tf32"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    benchmark = cfg.get("cudnn_benchmark", False)
-    if benchmark == "auto":  # autotuning pays off only when the same few shapes come back
-        benchmark = bool(cfg.get("bucket_edges_seconds")) or (cfg.get("pad_to_multiple_of") or 1) > 1
-    if _on_cuda(benchmark, "cudnn_benchmark"):
-        torch.backends.cudnn.benchmark = True
-
-
 def frames_per_second(processor: Wav2Vec2BertProcessor) -> float:
     """Feature frames per second of audio: 10 ms fbank frames, `stride` of them stacked (50/s for w2v-bert)."""
     return 100.0 / processor.feature_extractor.stride
 
 
 def pad_policy(cfg: DictConfig, fps: float) -> PadPolicy:
-    return PadPolicy.from_seconds(cfg.get("pad_to_multiple_of"), cfg.get("bucket_edges_seconds"), fps)
+    return PadPolicy.from_seconds(cfg.pad_to_multiple_of, cfg.bucket_edges_seconds, fps)
 
 
 def build_training_args(cfg: DictConfig, output_dir: Path, layerdrop: float = 0.0) -> TrainingArguments:
@@ -162,9 +75,9 @@ def build_training_args(cfg: DictConfig, output_dir: Path, layerdrop: float = 0.
         metric_for_best_model="wer",
         greater_is_better=False,
         dataloader_num_workers=cfg.dataloader_num_workers,
-        dataloader_pin_memory=torch.cuda.is_available() and cfg.get("pin_memory", True),
+        dataloader_pin_memory=torch.cuda.is_available() and cfg.pin_memory,
         dataloader_persistent_workers=cfg.dataloader_num_workers > 0,  # no worker restart at every epoch and evaluation
-        optim=cfg.get("optim", "adamw_torch"),
+        optim=cfg.optim,
         # layerdrop skips different layers on different ranks: DDP must allow unused parameters
         ddp_find_unused_parameters=True if layerdrop > 0 else None,
         seed=cfg.seed,
@@ -179,16 +92,11 @@ def wsd_settings(cfg: DictConfig) -> dict | None:
     """trainer.lr_scheduler=wsd: the cooldown's share and shape (None for the Trainer's own schedules)."""
     if cfg.lr_scheduler != "wsd":
         return None
-    shape, fraction = cfg.get("cooldown_shape"), cfg.get("cooldown_fraction")
+    shape, fraction = cfg.cooldown_shape, cfg.cooldown_fraction
     if shape not in WSD_SHAPES:
         raise ConfigError(f"trainer.cooldown_shape={shape!r} is not a decay shape. Fix: one of {', '.join(WSD_SHAPES)}")
     decay_steps(1, fraction)  # checks the fraction
     return {"cooldown_fraction": fraction, "shape": shape, "hold": False}
-
-
-def ddp_on_cpu() -> bool:
-    """torchrun on a machine without CUDA: accelerate needs cpu=True to use gloo (else each rank trains alone)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def build_trainer(
@@ -204,7 +112,7 @@ def build_trainer(
     fps = frames_per_second(processor)
     pad = pad_policy(cfg.trainer, fps)
     stats = BatchStats()
-    throughput = ThroughputCallback(stats, tracker, fps, cfg.trainer.get("peak_tflops"))
+    throughput = ThroughputCallback(stats, tracker, fps, cfg.trainer.peak_tflops)
     trainer = CTCTrainer(
         model=model,
         args=build_training_args(cfg.trainer, output_dir, model.config.layerdrop),
@@ -220,7 +128,7 @@ def build_trainer(
             *thread_callbacks(cfg.trainer),
             *callbacks,
         ],
-        batch_seconds=cfg.trainer.get("batch_seconds"),
+        batch_seconds=cfg.trainer.batch_seconds,
         wsd=wsd_settings(cfg.trainer),
         pad=pad,
         frames_per_second=fps,

@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from asr.evaluate import paired_comparison  # noqa: E402
+from asr.report import paired_comparison  # noqa: E402
 
 BOOTSTRAP = OmegaConf.create({"unit": "auto", "resamples": 1000, "seed": 0})
 

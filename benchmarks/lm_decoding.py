@@ -30,10 +30,12 @@ from omegaconf import OmegaConf
 
 import asr  # noqa: F401  (registers ${repo_dir:})
 from asr.data import load_splits
-from asr.evaluate import evaluate, paired_comparison, scoring_split
+from asr.evaluate import evaluate
 from asr.lm.__main__ import build, tune
 from asr.lm.logits import compute_log_probs
 from asr.paths import REPO_DIR
+from asr.report import paired_comparison
+from asr.scoring import scoring_split
 
 DECODERS = ("greedy", "beam", "beam_lm")
 
@@ -80,7 +82,8 @@ def main() -> None:
     build_seconds = time.perf_counter() - started
     tuned = tune(config("language_model", *common, "command=tune", f"lm.tune.trials={args.trials}"), out / "tune")
 
-    _, _, _, model, processor, test, _ = scoring_split(config("evaluate", *common), "test", out / "forward")
+    scored = scoring_split(config("evaluate", *common), "test", out / "forward")
+    model, processor, test = scored.model, scored.processor, scored.split
     started = time.perf_counter()
     compute_log_probs(model, processor, test, batch_size=16, desc="Timing the forward pass")
     forward = (time.perf_counter() - started) / len(test)

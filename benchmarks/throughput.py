@@ -42,8 +42,9 @@ from asr.features import build_processor, build_vocab
 from asr.model import build_model, load_feature_extractor
 from asr.paths import REPO_DIR
 from asr.prepare import prepare
+from asr.torch_setup import configure_torch, resolve_precision
 from asr.tracking import MlflowRun
-from asr.trainer import build_trainer, configure_torch, resolve_precision
+from asr.trainer import build_trainer
 
 CPU = {
     "model": ["model=tiny"],

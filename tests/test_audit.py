@@ -13,7 +13,7 @@ import soxr
 from conftest import SESSION_DIR, compose_cfg
 from transformers import Wav2Vec2BertForCTC
 
-from asr import training
+from asr import pipeline
 from asr.audit import output_frames, run_audit
 from asr.data import DataError, load_splits
 from asr.features import build_processor, build_vocab, extract_features, normalize_splits
@@ -134,7 +134,7 @@ def test_training_on_a_corpus_with_corrupt_files_has_finite_loss(bad_corpus, tmp
         "trainer.logging_steps=1",
         "tracking.enabled=false",
     )
-    metrics = training.run(cfg, tmp_path)
+    metrics = pipeline.run(cfg, tmp_path)
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_loss"])
     report = json.loads((tmp_path / "data_audit.json").read_text())
     assert report["quarantined"] == 10 and metrics["train_utterances"] == 32

@@ -1,5 +1,5 @@
 """The cluster path as users type it, on real servers: a one-node SLURM cluster (2 fake GPUs), PostgreSQL
-and an MLflow server on PostgreSQL, brought up once per session by asr.cluster.local.
+and an MLflow server on PostgreSQL, brought up once per session by asr.devcluster.
 
 Needs root and Debian's slurmctld slurmd slurm-client munge postgresql (CI installs them); elsewhere
 these tests skip with one line saying what to install.
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import SMALL_CORPUS
 
-from asr.cluster.local import LocalCluster, missing
+from asr.devcluster import LocalCluster, missing
 from asr.paths import REPO_DIR
 
 if (UNAVAILABLE := missing()) is not None:  # one line for the whole file, naming the packages to install
@@ -39,7 +39,7 @@ SLURM = [
 
 @pytest.fixture(scope="session")
 def cluster() -> dict[str, str]:
-    """The environment a user exports after `python -m asr.cluster.local up` (plus the test session's own)."""
+    """The environment a user exports after `python -m asr.devcluster up` (plus the test session's own)."""
     base = Path(tempfile.mkdtemp(prefix="asr-cluster-"))
     local = LocalCluster(base)
     atexit.register(local.down)  # also when the session dies before the fixture's teardown

@@ -12,8 +12,10 @@ from omegaconf import OmegaConf
 from transformers import SeamlessM4TFeatureExtractor, Wav2Vec2BertConfig, Wav2Vec2BertModel
 
 from asr.features import build_processor, build_vocab
+from asr.hydra_seam import launcher_kind, submitit_launcher, sweeper_kind
 from asr.model import build_model, load_feature_extractor
-from asr.trainer import build_training_args, resolve_precision
+from asr.torch_setup import resolve_precision
+from asr.trainer import build_training_args
 
 REQUIRED = {
     "dataset=manifest": ["dataset.train=/data/train.jsonl"],
@@ -46,10 +48,10 @@ def test_every_yaml_setting_has_a_comment():
                 assert "#" in line, f"conf/{path.relative_to(CONF_DIR)}:{lineno} has no comment: {line.strip()}"
 
 
-@pytest.mark.parametrize(("launcher", "target"), [("slurm", "SlurmLauncher"), ("local_parallel", "LocalLauncher")])
-def test_launchers_compose_over_submitit(launcher, target):
+@pytest.mark.parametrize(("launcher", "kind"), [("slurm", "slurm"), ("local_parallel", "local")])
+def test_launchers_compose_over_submitit(launcher, kind):
     cfg = compose_cfg(f"hydra/launcher={launcher}", with_hydra=True)
-    assert cfg.hydra.launcher._target_.endswith(target)
+    assert launcher_kind(cfg.hydra.launcher) == kind and submitit_launcher(cfg.hydra.launcher) is not None
     assert cfg.hydra.callbacks.mlflow_multirun._target_ == "asr.multirun.MlflowMultirunCallback"
 
 
@@ -135,3 +137,17 @@ def test_precision_on_cpu():
     assert resolve_precision("fp16") == {"fp16": False, "bf16": False}
     with pytest.raises(ValueError, match="fp8"):
         resolve_precision("fp8")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "sweeper", "launcher"),
+    [
+        ((), "grid", "basic"),
+        (("hydra/sweeper=optuna",), "optuna", "basic"),
+        (("hydra/sweeper=branches", "hydra/launcher=local_parallel"), "branches", "local"),
+    ],
+)
+def test_sweeper_and_launcher_kinds_come_from_the_plugin_classes(overrides, sweeper, launcher):
+    cfg = compose_cfg(*overrides, with_hydra=True)
+    assert sweeper_kind(cfg.hydra) == sweeper and launcher_kind(cfg.hydra.launcher) == launcher
+    assert (submitit_launcher(cfg.hydra.launcher) is None) == (launcher == "basic")

@@ -59,7 +59,7 @@ def test_user_mistakes_end_in_one_line(args, status, says, tmp_path):
 
 
 def test_compare_on_an_empty_store_says_how_to_make_a_sweep(tmp_path):
-    result = run("-m", "asr.compare", "--uri", f"sqlite:///{tmp_path / 'empty.db'}")
+    result = run("-m", "asr.sweep_summary", "--uri", f"sqlite:///{tmp_path / 'empty.db'}")
     assert result.returncode == 1 and "no sweep found" in one_error_line(result)
 
 
@@ -99,7 +99,7 @@ def test_slurm_cpus_become_the_thread_count_unless_the_user_chose():
 
 
 def test_the_governor_leaves_other_processes_their_cores():
-    """A busy neighbour on one of 2 cores → 1 thread; gone → 2 again (asr.threads, asr.trainer.ThreadGovernor)."""
+    """A busy neighbour on one of 2 cores → 1 thread; gone → 2 again (asr.threads, asr.torch_setup.ThreadGovernor)."""
     assert threads_for(2, others=1.0) == 1 and threads_for(2, others=0.05) == 2 and threads_for(2, others=1.9) == 1
     assert threads_for(16, others=3.2) == 13
     share = CpuShare()
@@ -178,8 +178,8 @@ def test_a_pruned_run_gives_back_every_thread(tmp_path):
     import torch
     from transformers import TrainerCallback
 
-    from asr import training
-    from asr.trainer import RunPruned
+    from asr import pipeline
+    from asr.errors import RunPruned
 
     class CutThenPrune(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -189,5 +189,5 @@ def test_a_pruned_run_gives_back_every_thread(tmp_path):
     before = torch.get_num_threads()
     cfg = compose_cfg(*SMALL_CORPUS, "debug=fast", "tracking.enabled=false")
     with pytest.raises(RunPruned):
-        training.run(cfg, tmp_path, callbacks=[CutThenPrune()])
+        pipeline.run(cfg, tmp_path, callbacks=[CutThenPrune()])
     assert torch.get_num_threads() == before

@@ -214,7 +214,7 @@ def test_lm_command_line_errors_are_one_line(tmp_path):
 
 
 def test_training_run_reports_lm_wer_beside_greedy(tmp_path):
-    from asr import training
+    from asr import pipeline
 
     cfg = compose_cfg(
         f"dataset.cache_dir={SESSION_DIR / 'corpus'}",
@@ -227,7 +227,7 @@ def test_training_run_reports_lm_wer_beside_greedy(tmp_path):
         "lm.tune.trials=3",
         "tracking.experiment=test-lm",
     )
-    metrics = training.run(cfg, tmp_path, overrides=["lm.after_training=true"])
+    metrics = pipeline.run(cfg, tmp_path, overrides=["lm.after_training=true"])
     assert {"test_wer", "test_lm_wer", "test_lm_cer", "test_lm_wer_p_value"} <= set(metrics)
     assert json.loads((tmp_path / "metrics.json").read_text())["test_lm_wer"] == metrics["test_lm_wer"]
     info = json.loads((tmp_path / "model" / "lm" / "lm.json").read_text())
@@ -262,10 +262,10 @@ def test_lm_step_failing_after_training_keeps_the_runs_metrics(tmp_path):
     metrics and the model stay, the run is FINISHED with the LM's error as a tag."""
     from mlflow.tracking import MlflowClient
 
-    from asr import training
+    from asr import pipeline
 
     cfg = compose_cfg(*SMALL_CORPUS, "debug=fast", "lm.after_training=true", "lm.memory=notasize")
-    metrics = training.run(cfg, tmp_path, overrides=["lm.after_training=true", "lm.memory=notasize"])
+    metrics = pipeline.run(cfg, tmp_path, overrides=["lm.after_training=true", "lm.memory=notasize"])
     assert "test_wer" in metrics and "test_lm_wer" not in metrics
     assert json.loads((tmp_path / "metrics.json").read_text())["test_wer"] == metrics["test_wer"]
     run = MlflowClient().get_run(json.loads((tmp_path / "mlflow_run.json").read_text())["run_id"])

@@ -76,7 +76,7 @@ def test_plan_warns_when_the_time_limit_allows_too_few_allocations(tmp_path):
 @pytest.fixture
 def no_tracking(monkeypatch):
     """No tracking server (refused at once): the plan uses our measured table."""
-    from asr.plan import _tracking
+    from asr.estimate import _tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     _tracking.cache_clear()
@@ -85,7 +85,8 @@ def no_tracking(monkeypatch):
 
 
 def test_plan_names_a_job_that_does_not_compose(no_tracking, capsys):
-    from asr.plan import grid_jobs, print_plan
+    from asr.hydra_seam import grid_jobs
+    from asr.plan import print_plan
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         code = print_plan(grid_jobs(["model=tiny,no_such_model", "debug=fast"]), "plan")
@@ -119,7 +120,7 @@ def test_plan_prefers_mlflow_runs_of_the_same_settings(tmp_path, monkeypatch, no
     """An earlier run's measured throughput (train_audio_seconds_per_second) beats the table."""
     from mlflow.tracking import MlflowClient
 
-    from asr.plan import estimate
+    from asr.estimate import estimate
     from asr.tracking import flatten
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -152,7 +153,7 @@ def test_plan_prefers_mlflow_runs_of_the_same_settings(tmp_path, monkeypatch, no
 
 
 def test_manifest_hours_are_measured(tmp_path):
-    from asr.plan import dataset_hours
+    from asr.estimate import dataset_hours
 
     manifest = tmp_path / "train.jsonl"
     manifest.write_text(
@@ -174,7 +175,7 @@ def test_manifest_hours_without_durations_given_dev_and_test_files(tmp_path):
     import numpy as np
     import soundfile as sf
 
-    from asr.plan import dataset_hours
+    from asr.estimate import dataset_hours
 
     for name, seconds in (("a.wav", 2.0), ("b.wav", 4.0), ("d.wav", 3.0)):
         sf.write(tmp_path / name, np.zeros(int(16000 * seconds), dtype="float32"), 16000)

@@ -524,7 +524,7 @@ def test_cluster_commands_plan(checkout):
     grid, study = [c for c in readme_commands() if "hydra/launcher=slurm" in c]
     out = checkout.run(grid, "plan=true").stdout
     assert (
-        "(SlurmLauncher)" in out
+        "(slurm launcher)" in out
         and all(f"trainer.epochs={e}" in out for e in (8, 20, 40))
         and "nothing submitted" in out
     )

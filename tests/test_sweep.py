@@ -422,7 +422,7 @@ def test_a_command_line_value_wins_over_the_study_files_fixed_value():
     spec = spec_for(args)
     overrides = spec.trial_overrides({"trainer.lr": 1e-3})
     assert "trainer.eval_steps=100" not in overrides and overrides.count("trainer.eval_steps=10") == 1
-    from asr.sweep.study import compose_train_config
+    from asr.sweep.trial import compose_train_config
 
     cfg = compose_train_config(overrides)
     assert cfg.trainer.eval_steps == 10 and cfg.trainer.epochs == 3 and cfg.trainer.lr == 1e-3

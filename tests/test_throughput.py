@@ -12,7 +12,7 @@ import torch
 from conftest import SMALL_CORPUS, compose_cfg
 from mlflow.tracking import MlflowClient
 
-from asr import trainer, training
+from asr import pipeline, torch_setup, trainer
 from asr.throughput import BatchStats, ThroughputCallback
 from asr.tracking import tracking_uri
 
@@ -61,7 +61,7 @@ def test_gpu_fast_composes_and_trains_on_cpu(tmp_path):
     assert args.optim == "adamw_torch_fused" and not args.gradient_checkpointing
     assert not (args.fp16 or args.bf16)  # precision auto = fp32 without a GPU
     assert args.dataloader_persistent_workers and not args.dataloader_pin_memory
-    metrics = training.run(cfg, tmp_path)
+    metrics = pipeline.run(cfg, tmp_path)
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk == pytest.approx(metrics)
     # two epochs, each utterance once per epoch (frames are 20 ms: up to 0.02 s rounding per utterance)
@@ -190,7 +190,7 @@ def test_throughput_benchmark_runs_both_presets_and_the_bare_loop(tmp_path, monk
 def test_gpu_fast_allocator_setting_goes_into_the_environment(monkeypatch):
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     cfg = compose_cfg("trainer=gpu_fast").trainer
-    trainer.configure_torch(cfg)
+    torch_setup.configure_torch(cfg)
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     if not torch.cuda.is_available():
         assert not torch.backends.cudnn.benchmark  # GPU-only settings leave a CPU machine alone

@@ -10,9 +10,9 @@ import pytest
 import soundfile as sf
 from conftest import LEARNING_RUN, SMALL_CORPUS, compose_cfg
 from mlflow.tracking import MlflowClient
-from transformers import pipeline
+from transformers import pipeline as hf_pipeline
 
-from asr import training
+from asr import pipeline, roles
 from asr.tracking import tracking_uri
 
 
@@ -55,7 +55,7 @@ def test_run_outputs(learned):
 
 def test_saved_model_works_in_a_transformers_pipeline(learned):
     cfg, output_dir, metrics = learned
-    asr_pipeline = pipeline("automatic-speech-recognition", model=str(output_dir / "model"))
+    asr_pipeline = hf_pipeline("automatic-speech-recognition", model=str(output_dir / "model"))
     predictions = [json.loads(line) for line in (output_dir / "predictions_test.jsonl").read_text().splitlines()]
     from asr.data import load_splits
 
@@ -88,10 +88,10 @@ def test_a_crashing_run_is_marked_failed(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("loss is NaN at step 3")
 
-    monkeypatch.setattr(training, "_train_and_test", crash)
+    monkeypatch.setattr(roles.Plain, "train", crash)
     cfg = compose_cfg(*SMALL_CORPUS, "debug=fast", "tracking.experiment=test-failure")
     with pytest.raises(RuntimeError, match="NaN"):
-        training.run(cfg, tmp_path)
+        pipeline.run(cfg, tmp_path)
     _, run = _mlflow_run("test-failure")
     assert run.info.status == "FAILED"
     assert "loss is NaN" in run.data.tags["error"]
@@ -101,7 +101,7 @@ def test_a_crashing_run_is_marked_failed(tmp_path, monkeypatch):
 def test_reported_best_is_the_restored_model_when_saves_are_sparser_than_evaluations():
     """trainer=seed evaluates every 300 steps and saves every 600: the lowest WER at step 300 has no
     checkpoint, so load_best_model_at_end restores step 600's, and that is what eval_wer/best_step say."""
-    from asr.training import best_eval
+    from asr.roles import best_eval
 
     history = [
         {"step": step, "eval_wer": wer, "eval_cer": wer / 2, "eval_loss": wer * 3}

@@ -1,2 +1,2 @@
-"""Running the project on SLURM: a local one-node cluster for tests and trials, and job-state checks for the
-sweep driver."""
+"""Running the project on SLURM: job-state checks for the sweep driver (the one-node cluster for tests and
+trials is asr.devcluster, which nothing in the package imports)."""

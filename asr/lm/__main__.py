@@ -13,13 +13,13 @@ from omegaconf import DictConfig, open_dict
 
 import asr  # noqa: F401  (registers ${repo_dir:})
 from asr import cli
-from asr.evaluate import resolve_source, scoring_split
 from asr.lm import LMError, lm_dir_of
 from asr.lm.build import build_lm, normalized_lines
 from asr.lm.decode import BeamSettings, CTCDecoder, lm_folder
 from asr.lm.logits import cached_log_probs
 from asr.metrics import error_rates
 from asr.prepare import load_normalised
+from asr.scoring import resolve_source, scoring_split
 from asr.tracking import MlflowRun
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ def build(cfg: DictConfig, output_dir: Path) -> dict:
     """The LM text (train transcripts or lm.text_file), checked against the test split, → lmplz → LM folder."""
     model_dir, dataset_cfg, train_run_id = None, cfg.get("dataset"), None
     if cfg.run_dir or cfg.mlflow_run or cfg.model_dir:
-        model_dir, dataset_cfg, _, train_run_id = resolve_source(cfg)
+        source = resolve_source(cfg)
+        model_dir, dataset_cfg, train_run_id = source.model_dir, source.dataset, source.train_run_id
     elif not (cfg.lm.text_file and cfg.out_dir and dataset_cfg):
         raise LMError(
             "nothing to build from. Fix: run_dir=<training run> (its train transcripts), or "
@@ -74,7 +75,9 @@ def tune(cfg: DictConfig, output_dir: Path) -> dict:
         raise LMError(
             "lm.tune.split=test: weights tuned on the test split make its WER meaningless. Fix: lm.tune.split=dev"
         )
-    model_dir, _, train_run_id, model, processor, split, refs = scoring_split(cfg, split_name, output_dir)
+    scored = scoring_split(cfg, split_name, output_dir)
+    model, processor, split, refs = scored.model, scored.processor, scored.split, scored.references
+    model_dir, train_run_id = scored.source.model_dir, scored.source.train_run_id
     log_probs, _ = cached_log_probs(model_dir, model, processor, split, split_name, cfg.paths.cache_dir, cfg.batch_size)
     from asr.lm.tune import tune_decoder  # optuna is imported by the tuner only
 

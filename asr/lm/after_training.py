@@ -8,19 +8,20 @@ tune alpha/beta on the dev logits, decode the test logits with it. The run's met
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from datasets import DatasetDict
 from omegaconf import DictConfig
 
+from asr.inference import write_predictions
 from asr.lm import lm_dir_of
 from asr.lm.build import build_lm, check_test_overlap, lmplz_for, normalized_lines
 from asr.lm.decode import BeamSettings, CTCDecoder
 from asr.lm.logits import cached_log_probs
 from asr.lm.tune import tune_decoder
 from asr.metrics import error_rates
+from asr.report import default_bootstrap, paired_rates
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def _test_texts(features: DatasetDict) -> list[str]:
 def check_before_training(cfg: DictConfig, features: DatasetDict) -> None:
     """lm.after_training=true: what would make the LM step refuse (no lmplz, a bad order, a missing or empty
     text, test sentences in it) is a one-line error before training, not after hours of it."""
-    if not (cfg.get("lm") and cfg.lm.after_training):
+    if not cfg.lm.after_training:
         return
     lmplz_for(cfg.lm)
     check_test_overlap(_lm_text(cfg, features), _test_texts(features), cfg.lm.test_overlap)
@@ -50,8 +51,6 @@ def check_before_training(cfg: DictConfig, features: DatasetDict) -> None:
 
 def decode_test_with_lm(cfg: DictConfig, output_dir: Path, model, features: DatasetDict, processor) -> dict[str, float]:
     """Build → tune on dev → decode test; returns the test_lm_* metrics and writes predictions_test_lm.jsonl."""
-    from asr.evaluate import paired_rates  # the paired bootstrap, as `asr.evaluate` reports it
-
     model_dir, tokenizer, batch = output_dir / "model", processor.tokenizer, cfg.trainer.eval_batch_size
     source = cfg.lm.text_file or "train split transcripts"
     build_lm(_lm_text(cfg, features), lm_dir_of(model_dir), cfg.lm, source, _test_texts(features))
@@ -70,16 +69,15 @@ def decode_test_with_lm(cfg: DictConfig, output_dir: Path, model, features: Data
     greedy = CTCDecoder("greedy", tokenizer, model.config.vocab_size).decode_all(logits["test"])[0]
     rates = error_rates(references, hypotheses)
     versus = paired_rates(
-        references, greedy, hypotheses, list(features["test"]["speaker"]), cfg.get("bootstrap") or _BOOTSTRAP
+        references, greedy, hypotheses, list(features["test"]["speaker"]), cfg.get("bootstrap") or default_bootstrap()
     )
-    with (output_dir / "predictions_test_lm.jsonl").open("w", encoding="utf-8") as out:
-        for utt_id, speaker, ref, hyp in zip(
-            features["test"]["id"], features["test"]["speaker"], references, hypotheses
-        ):
-            out.write(
-                json.dumps({"id": utt_id, "speaker": speaker, "reference": ref, "hypothesis": hyp}, ensure_ascii=False)
-                + "\n"
-            )
+    write_predictions(
+        output_dir / "predictions_test_lm.jsonl",
+        features["test"]["id"],
+        features["test"]["speaker"],
+        references,
+        hypotheses,
+    )
     log.info(
         "test with the LM: WER %.4f, CER %.4f (alpha %.3f, beta %.3f); against greedy: %s",
         rates["wer"],
@@ -98,6 +96,3 @@ def decode_test_with_lm(cfg: DictConfig, output_dir: Path, model, features: Data
         "test_lm_wer_p_value": versus["wer"]["p_value"],
         "test_lm_decode_seconds_per_utterance": seconds,
     }
-
-
-_BOOTSTRAP = DictConfig({"resamples": 1000, "seed": 0, "unit": "auto"})  # as conf/evaluate.yaml's bootstrap

@@ -16,11 +16,13 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from asr.cluster.jobs import wait_all
+from asr.hydra_seam import launcher_kind, submitit_executor, submitit_launcher
 from asr.sweep.parent_run import close_parent, open_parent
 from asr.sweep.report import summarize
 from asr.sweep.spec import SweepSpec
 from asr.sweep.storage import safe_url, storage_url
-from asr.sweep.study import FINISHED, counted, enqueue_grid, load_study, n_trials_total, requeue_interrupted, work
+from asr.sweep.study import enqueue_grid, load_study, requeue_interrupted, work
+from asr.sweep.trial import FINISHED, counted, n_trials_total
 
 log = logging.getLogger(__name__)
 
@@ -70,30 +72,13 @@ def run_local_workers(spec_path: Path, workers: int) -> None:
         log.error("; ".join(failed))
 
 
-def submitit_executor(launcher: DictConfig, folder: Path):
-    """A submitit executor from a hydra-submitit-launcher config (hydra/launcher=slurm, submitit_local...)."""
-    import submitit
-
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-
-    cluster = "slurm" if launcher._target_.endswith("SlurmLauncher") else "local"
-    params = {
-        k: v
-        for k, v in OmegaConf.to_container(launcher, resolve=True).items()
-        if k not in ("_target_", "submitit_folder")
-    }
-    init = {f"{cluster}_max_num_timeout": params.pop("max_num_timeout")} if "max_num_timeout" in params else {}
-    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster, **init)
-    base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{k if k in base else f"{cluster}_{k}": v for k, v in params.items()})
-    return executor
-
-
 def run_submitit_workers(spec_path: Path, workers: int, launcher: DictConfig) -> None:
     """The workers as one submitit job array (SLURM, or submitit's local executor)."""
     from asr.sweep.worker import Worker
 
-    executor = submitit_executor(launcher, spec_path.parent / "submitit")
+    executor = submitit_executor(
+        OmegaConf.to_container(launcher, resolve=True), launcher_kind(launcher), spec_path.parent / "submitit" / "%j"
+    )
     # submitit's local executor shares this machine's cores between the workers; SLURM jobs have their own.
     threads = max(1, (os.cpu_count() or 1) // workers) if executor.cluster == "local" else None
     jobs = executor.map_array(Worker(), [str(spec_path)] * workers, list(range(workers)), [threads] * workers)
@@ -137,7 +122,7 @@ def run_study(spec: SweepSpec, launcher: DictConfig | None = None, report_only: 
     try:
         if finished >= total:  # a rerun of a finished study: no worker (or SLURM job) to start
             log.info("Study %r already holds its %d trials; nothing to run", study.study_name, total)
-        elif launcher is not None and "submitit" in launcher.get("_target_", ""):
+        elif submitit_launcher(launcher) is not None:
             run_submitit_workers(spec_path, workers, launcher)
         elif workers > 1:
             run_local_workers(spec_path, workers)

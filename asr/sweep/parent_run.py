@@ -17,10 +17,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from asr.sweep.space import flatten_params
+from asr.hydra_seam import flatten_params
 from asr.sweep.spec import SweepSpec
 from asr.sweep.storage import safe_url, storage_url
-from asr.sweep.study import n_trials_total
+from asr.sweep.trial import n_trials_total
 from asr.tracking import TrackingUnavailableError, close_parent_run, connect, create_parent_run
 
 log = logging.getLogger(__name__)

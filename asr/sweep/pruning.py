@@ -8,7 +8,7 @@ import optuna
 from omegaconf import DictConfig
 from transformers import TrainerCallback
 
-from asr.trainer import RunPruned
+from asr.errors import RunPruned
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from asr.sweep.space import to_overrides
 from asr.sweep.spec import SweepSpec
-from asr.sweep.study import CONF_DIR, counted
+from asr.sweep.trial import CONF_DIR, counted
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Overrid
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from asr.errors import UserError
+from asr.hydra_seam import flatten_params
 
 
 class SearchSpaceError(UserError, ValueError):
@@ -84,17 +85,6 @@ def to_distribution(key: str, sweep: Any) -> tuple[BaseDistribution, list[Any] |
             raise SearchSpaceError(f"{key}: choice() needs one or more plain values (numbers, strings, booleans, null)")
         return CategoricalDistribution(values), values
     raise SearchSpaceError(f"{key}: {sweep!r} is not a sweep Optuna can search; use choice(), range() or interval()")
-
-
-def flatten_params(params: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
-    """`trainer.lr: ...` in a sweep file and `sweep.params.trainer.lr=...` on the command line (nested) alike."""
-    flat: dict[str, Any] = {}
-    for key, value in (params or {}).items():
-        if isinstance(value, Mapping):
-            flat.update(flatten_params(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def parse_space(params: Mapping[str, Any]) -> SearchSpace:

@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from asr.hydra_seam import override_key
 from asr.sweep.space import SearchSpace, SearchSpaceError, parse_space, to_overrides
 
 
@@ -64,11 +65,6 @@ class SweepSpec:
     @classmethod
     def load(cls, path: Path) -> SweepSpec:
         return cls(**json.loads(Path(path).read_text()))
-
-
-def override_key(line: str) -> str:
-    """`trainer.lr` of `trainer.lr=1e-3`, `+trainer.extra.x=1`, `~trainer.x`, `model=tiny`."""
-    return line.split("=", 1)[0].lstrip("+~")
 
 
 def train_overrides(task_overrides: list[str]) -> list[str]:

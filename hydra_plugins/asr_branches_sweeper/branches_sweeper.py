@@ -20,15 +20,16 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from asr.hydra_seam import basic_sweeper, override_key
 
 log = logging.getLogger(__name__)
 
 EPOCHS = "trainer.epochs"
 
 
-class BranchesSweeper(BasicSweeper):
+class BranchesSweeper(basic_sweeper()):
     def __init__(self, trunks_dir: str, max_batch_size: int | None = None, params: dict | None = None) -> None:
         super().__init__(max_batch_size=None, params=params)
         self.trunks_dir = trunks_dir
@@ -44,10 +45,10 @@ class BranchesSweeper(BasicSweeper):
         combos = self.split_arguments(parser.parse_overrides(self._parse_config() + list(arguments)), None)[0]
         groups: OrderedDict[tuple[str, ...], dict[float, list[str]]] = OrderedDict()
         for combo in combos:
-            lengths = [o.split("=", 1)[1] for o in combo if o.split("=", 1)[0].lstrip("+") == EPOCHS]
+            lengths = [o.split("=", 1)[1] for o in combo if override_key(o) == EPOCHS]
             if not lengths:
                 fail(f"hydra/sweeper=branches forks branches of different lengths. Fix: add e.g. {EPOCHS}=8,20,40")
-            rest = tuple(o for o in combo if o.split("=", 1)[0].lstrip("+") != EPOCHS)
+            rest = tuple(o for o in combo if override_key(o) != EPOCHS)
             groups.setdefault(rest, {})[float(lengths[0])] = combo
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -138,11 +139,12 @@ class BranchesSweeper(BasicSweeper):
             independent_steps,
             summary["compute_ratio"],
         )
-        record = sweep_dir / "mlflow_sweep.json"
-        if record.is_file():
+        from asr.records import SweepRecord
+
+        parent = SweepRecord.read(sweep_dir)
+        if parent is not None:
             from mlflow.tracking import MlflowClient
 
             from asr.tracking import log_parent_metrics
 
-            parent = json.loads(record.read_text())
-            log_parent_metrics(MlflowClient(parent["tracking_uri"]), parent["parent_run_id"], summary)
+            log_parent_metrics(MlflowClient(parent.tracking_uri), parent.parent_run_id, summary)

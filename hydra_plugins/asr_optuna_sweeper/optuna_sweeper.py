@@ -31,17 +31,16 @@ class OptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         import asr  # noqa: F401  (the ${repo_dir:} resolver)
+        from asr.hydra_seam import params_not_given, submitit_launcher
         from asr.sweep import SweepSpec, run_study
-        from asr.sweep.space import flatten_params, split_sweep_overrides
+        from asr.sweep.space import split_sweep_overrides
 
         assert self.config is not None
         study = OmegaConf.to_container(OmegaConf.create(self.settings), resolve=True)
         swept, fixed = split_sweep_overrides(list(arguments))
-        given = {line.split("=", 1)[0].lstrip("+~") for line in arguments}
         # An experiment's hydra.sweeper.params join the space; the command line wins over them.
-        study["params"] = {**{k: v for k, v in flatten_params(study.get("params")).items() if k not in given}, **swept}
+        study["params"] = {**params_not_given(study.get("params"), list(arguments)), **swept}
         spec = SweepSpec(
             study=study, base_overrides=fixed, tracking=OmegaConf.to_container(self.config.tracking, resolve=True)
         )
-        launcher = self.config.hydra.launcher
-        return run_study(spec, launcher if "submitit" in str(launcher.get("_target_", "")) else None)
+        return run_study(spec, submitit_launcher(self.config.hydra.launcher))
