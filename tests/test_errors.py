@@ -41,6 +41,9 @@ OUT = "hydra.run.dir={out}"
     ("args", "status", "says"),
     [
         ([str(REPO_DIR / "train.py"), "trainer.epoch=3", OUT], 2, "Could not override 'trainer.epoch'"),
+        # typed schemas (asr/schema.py): a wrong type is refused when the config is composed
+        ([str(REPO_DIR / "train.py"), "trainer.lr=fast", OUT], 2, "'fast' of type 'str' could not be converted"),
+        ([str(REPO_DIR / "sweep.py"), "sweep.workers=two", "sweep.dir={out}"], 2, "could not be converted to Integer"),
         ([str(REPO_DIR / "sweep.py"), "trainer.lr=1e-3", "sweep.dir={out}"], 1, "trainer.lr is searched by the study"),
         (["-m", "asr.evaluate", OUT], 1, "nothing to evaluate. Fix: run_dir="),
         (["-m", "asr.evaluate", "run_dir=/nonexistent/run", OUT], 1, "/nonexistent/run is not a finished training run"),
@@ -191,3 +194,15 @@ def test_a_pruned_run_gives_back_every_thread(tmp_path):
     with pytest.raises(RunPruned):
         pipeline.run(cfg, tmp_path, callbacks=[CutThenPrune()])
     assert torch.get_num_threads() == before
+
+
+def test_a_misspelt_key_in_a_preset_is_refused_when_the_config_is_composed(tmp_path):
+    """A preset of the user's own (here an experiment in a copy of conf/) with a misspelt trainer key
+    is an error naming the key, not a setting silently ignored."""
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO_DIR / "conf", conf)
+    (conf / "experiment" / "mine.yaml").write_text("# @package _global_\ntrainer:\n  warmup_step: 100\n")
+    result = run(str(REPO_DIR / "train.py"), f"--config-dir={conf}", "experiment=mine", f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0 and "Key 'warmup_step' not in 'TrainerConf'" in one_error_line(result)
