@@ -11,12 +11,15 @@ KENLM  ?= kenlm==0.3.0
 # Debian/Ubuntu packages that compiling it needs (`make lm-deps` installs them, as root)
 KENLM_APT ?= cmake g++ libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev
 ARGS   ?=
+# processes `make test` runs the suite in (pytest-xdist; tests/conftest.py keeps a module's tests, and the
+# tests sharing one trained model, in one process)
+TEST_JOBS ?= 2
 # make sweep on a cluster: LAUNCHER=slurm (hydra/launcher=...), STORAGE=<study storage URL> (sweep.storage=...)
 LAUNCHER ?=
 STORAGE  ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lmplz lm-deps train sweep test test-all lint format ui compare clean
+.PHONY: help setup lmplz lm-deps train sweep test test-fast test-all lint format ui compare clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -53,11 +56,16 @@ train: setup  ## train on the built-in corpus (ARGS="trainer.epochs=2 ..." for H
 sweep: setup  ## Optuna study: TPE + median pruning on eval WER, 2 workers (ARGS="sweep=lr_epochs ..."); rerun to resume; LAUNCHER=slurm STORAGE=postgresql+psycopg2://... for a cluster
 	$(BIN)/python sweep.py $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(if $(STORAGE),sweep.storage=$(STORAGE)) $(ARGS)
 
-test: setup  ## run the test suite (tests marked slow excluded)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" $(ARGS)
+test: setup  ## run the test suite in TEST_JOBS processes (tests marked slow excluded)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow and not serial" -n $(TEST_JOBS) --dist loadgroup --no-loadscope-reorder $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "serial and not slow" $(ARGS)
+
+test-fast: setup  ## the quick tier: config composition, search spaces, plan arithmetic, bootstrap, batching (~1 min)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "fast" $(ARGS)
 
 test-all: setup  ## run every test, slow ones included
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not serial" -n $(TEST_JOBS) --dist loadgroup --no-loadscope-reorder $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "serial" $(ARGS)
 
 lint: setup  ## check formatting and lint rules (ruff; settings in pyproject.toml)
 	$(BIN)/ruff format --check .

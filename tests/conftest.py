@@ -70,3 +70,24 @@ def learned(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-4000:]
     cfg = OmegaConf.load(output_dir / ".hydra" / "config.yaml")
     return cfg, output_dir, json.loads((output_dir / "metrics.json").read_text())
+
+
+# ---- running the suite in parallel (`make test`: pytest-xdist, --dist loadgroup) ----------------------------
+# Each module's tests run in one process, in order, so its module-scoped fixtures are built once; the modules
+# using the `learned` model share a process, so it is trained once. The longest groups start first (measured
+# with --durations on 2 cores: the README commands and the SLURM cluster take a third of the suite each), so
+# the two processes end together.
+SHARED_GROUPS = {name: "learned" for name in ("test_training", "test_evaluate", "test_lm", "test_throughput")}
+LONGEST_FIRST = ["test_readme", "test_cluster", "test_sweep", "test_branches", "learned", "test_requeue", "test_errors"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    def group(item) -> str:
+        module = item.path.stem
+        return SHARED_GROUPS.get(module, module)
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: the order within a module stays

@@ -11,6 +11,8 @@ from transformers import Wav2Vec2BertConfig, Wav2Vec2BertForCTC
 from asr.attention import gathered_relative_key_bias, use_relative_key_bias
 from asr.errors import ConfigError
 
+pytestmark = pytest.mark.fast  # the quick tier: `make test-fast`
+
 TINY = compose_cfg().model.config  # conf/model/tiny.yaml's shape
 FULL_WIDTH_2_LAYERS = {  # w2v-bert-2.0's layer shape, two layers
     "hidden_size": 1024,

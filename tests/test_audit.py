@@ -116,6 +116,7 @@ def test_every_bad_file_gets_its_reason(bad_corpus, tmp_path):
     assert (tmp_path / "again.json").is_file()  # the report is written before stopping
 
 
+@pytest.mark.fast
 def test_ctc_infeasible_uses_the_models_own_frame_count():
     cfg = compose_cfg()
     config = shape_config(cfg.model)

@@ -18,6 +18,8 @@ from asr.inference import blank_padded_frames
 from asr.model import build_model, load_feature_extractor
 from asr.trainer import CTCTrainer
 
+pytestmark = pytest.mark.fast  # the quick tier: `make test-fast`
+
 POLICIES = [PadPolicy(), PadPolicy(multiple_of=25), PadPolicy(multiple_of=25, edges=(100, 150, 200, 300))]
 
 

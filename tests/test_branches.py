@@ -64,6 +64,7 @@ def _lr_curve(fraction: float, shape: str, total: int, warmup: int, hold: bool =
     return rates
 
 
+@pytest.mark.fast
 def test_wsd_schedule_warms_up_holds_then_cools_down():
     rates = _lr_curve(0.2, "1-sqrt", total=100, warmup=10)
     assert rates[0] == 0 and rates[5] == pytest.approx(0.5)  # linear warm-up
@@ -76,6 +77,7 @@ def test_wsd_schedule_warms_up_holds_then_cools_down():
     assert all(r == 1.0 for r in held[10:])
 
 
+@pytest.mark.fast
 def test_fork_steps_and_checks():
     assert branches.fork_step(376, 0.2) == 376 - 75
     assert branches.fork_step(8, 0.2) == 6 and branches.fork_step(1, 0.2) == 0

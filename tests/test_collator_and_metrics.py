@@ -12,6 +12,8 @@ from asr.features import build_processor, build_vocab
 from asr.metrics import argmax_logits, decode_predictions, error_rates
 from asr.model import load_feature_extractor
 
+pytestmark = pytest.mark.fast  # the quick tier: `make test-fast`
+
 
 @pytest.fixture()
 def processor(tmp_path):

@@ -17,6 +17,8 @@ from asr.model import build_model, load_feature_extractor
 from asr.torch_setup import resolve_precision
 from asr.trainer import build_training_args
 
+pytestmark = pytest.mark.fast  # the quick tier: `make test-fast`
+
 REQUIRED = {
     "dataset=manifest": ["dataset.train=/data/train.jsonl"],
     "dataset=openslr54": ["dataset.root=/data/openslr54"],
@@ -151,3 +153,18 @@ def test_sweeper_and_launcher_kinds_come_from_the_plugin_classes(overrides, swee
     cfg = compose_cfg(*overrides, with_hydra=True)
     assert sweeper_kind(cfg.hydra) == sweeper and launcher_kind(cfg.hydra.launcher) == launcher
     assert (submitit_launcher(cfg.hydra.launcher) is None) == (launcher == "basic")
+
+
+def test_hydra_discovers_the_projects_plugins():
+    """The sweepers and the launcher are found by Hydra's own plugin scan (the namespace package is
+    importable as installed), and each config group names a class Hydra can instantiate."""
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.launcher import Launcher
+    from hydra.plugins.sweeper import Sweeper
+
+    plugins = Plugins.instance()
+    sweepers = {f"{c.__module__}.{c.__name__}" for c in plugins.discover(Sweeper)}
+    launchers = {f"{c.__module__}.{c.__name__}" for c in plugins.discover(Launcher)}
+    for group, found in (("hydra/sweeper=optuna", sweepers), ("hydra/sweeper=branches", sweepers)):
+        assert compose_cfg(group, with_hydra=True).hydra.sweeper._target_ in found
+    assert compose_cfg("hydra/launcher=slurm", with_hydra=True).hydra.launcher._target_ in launchers

@@ -17,6 +17,8 @@ from asr.data.synthetic_ne import generate
 from asr.features import build_processor, build_vocab, extract_features
 from asr.model import load_feature_extractor
 
+pytestmark = pytest.mark.fast  # the quick tier: `make test-fast`
+
 TINY_CORPUS = ["dataset.sizes.train=8", "dataset.sizes.dev=3", "dataset.sizes.test=3"]
 
 

@@ -89,6 +89,7 @@ def test_hydra_full_error_shows_the_traceback(tmp_path):
     )
 
 
+@pytest.mark.fast
 def test_slurm_cpus_become_the_thread_count_unless_the_user_chose():
     env = {"SLURM_CPUS_PER_TASK": "4"}
     apply_policy(env)
@@ -101,6 +102,7 @@ def test_slurm_cpus_become_the_thread_count_unless_the_user_chose():
     assert env == {}
 
 
+@pytest.mark.serial  # measures what other processes use of this machine's cores
 def test_the_governor_leaves_other_processes_their_cores():
     """A busy neighbour on one of 2 cores → 1 thread; gone → 2 again (asr.threads, asr.torch_setup.ThreadGovernor)."""
     assert threads_for(2, others=1.0) == 1 and threads_for(2, others=0.05) == 2 and threads_for(2, others=1.9) == 1
@@ -131,6 +133,7 @@ def _fake_machine(root: Path, cpu_lines: dict[int, list[int]], cgroup: str = "0:
     return proc, cgroup_root
 
 
+@pytest.mark.fast
 def test_the_governor_counts_only_its_own_cpus_its_quota_and_guest_time_once(tmp_path, monkeypatch):
     """The affinity mask (taskset, cpusets), cgroup CPU quotas (v1 and v2) and guest time, from fake trees."""
     from asr.threads import cgroup_cpu_limit, usable_cores

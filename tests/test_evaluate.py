@@ -39,6 +39,7 @@ def test_utterance_counts_hand_computed():
     assert (rates["substitutions"], rates["deletions"], rates["insertions"]) == (0, 1, 1)
 
 
+@pytest.mark.fast
 def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_data():
     rng = np.random.default_rng(0)
     widths = []
@@ -61,6 +62,7 @@ def test_speaker_resampling_is_wider_when_speakers_differ():
     assert by_spk[1] - by_spk[0] > 2 * (by_utt[1] - by_utt[0])
 
 
+@pytest.mark.fast
 def test_paired_difference_verdicts():
     lengths = np.full(300, 10)
     a = np.random.default_rng(1).binomial(10, 0.2, 300)

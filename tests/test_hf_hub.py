@@ -13,6 +13,8 @@ from conftest import SESSION_DIR, compose_cfg
 from asr.data import DataError, load_splits
 from asr.data.audio import load_audio
 
+pytestmark = pytest.mark.fast  # the quick tier: `make test-fast`
+
 TINY = [
     "dataset.sizes.train=30",
     "dataset.sizes.dev=5",

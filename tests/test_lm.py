@@ -61,6 +61,7 @@ def _log_probs(tokenizer, text: str, doubt: dict[int, dict[str, float]] | None =
     return np.log(probs / probs.sum(-1, keepdims=True))
 
 
+@pytest.mark.fast
 def test_builder_on_a_tiny_corpus(tmp_path):
     info = build_lm(LM_TEXT, tmp_path, _lm_cfg(), "hand-written", test_texts=["the rat sat on my hat"])
     assert {"lm.arpa", "lm.bin", "unigrams.txt", "lm.json"} <= {p.name for p in tmp_path.iterdir()}
@@ -72,6 +73,7 @@ def test_builder_on_a_tiny_corpus(tmp_path):
     assert model.score("the cat sat on the mat") > model.score("mat the on sat cat the") + 3  # word order was learned
 
 
+@pytest.mark.fast
 def test_builder_refuses_test_sentences_or_warns_loudly(tmp_path, caplog):
     with pytest.raises(LMError, match="contains 1 of the 2 test sentences.*lm.test_overlap=warn"):
         build_lm(LM_TEXT, tmp_path / "a", _lm_cfg(), "x", test_texts=["the cat ate the rat", "no such line"])
@@ -81,11 +83,13 @@ def test_builder_refuses_test_sentences_or_warns_loudly(tmp_path, caplog):
     assert info["test_overlap"] == 1 and "DO NOT REPORT TEST WER" in caplog.text.upper()
 
 
+@pytest.mark.fast
 def test_missing_lmplz_names_the_fix(tmp_path):
     with pytest.raises(LMError, match="make lmplz"):
         build_lm(LM_TEXT, tmp_path, _lm_cfg(f"lm.lmplz={tmp_path / 'nowhere'}"), "x", test_texts=[])
 
 
+@pytest.mark.fast
 def test_alphabet_from_the_tokenizer(tmp_path):
     tokenizer = _tokenizer(tmp_path)
     labels, columns = ctc_alphabet(tokenizer, len(tokenizer))
@@ -95,6 +99,7 @@ def test_alphabet_from_the_tokenizer(tmp_path):
     assert set(labels) - {"", " ", UNK_LABEL} == set("".join(LM_TEXT + ["cut"]).replace(" ", ""))
 
 
+@pytest.mark.fast
 def test_lm_flips_a_word_that_greedy_and_plain_beam_get_wrong(tmp_path):
     tokenizer = _tokenizer(tmp_path)
     build_lm(LM_TEXT, tmp_path / "lm", _lm_cfg(), "hand-written", test_texts=[])
@@ -112,6 +117,7 @@ def test_lm_flips_a_word_that_greedy_and_plain_beam_get_wrong(tmp_path):
     assert greedy.decode(clean) == beam.decode(clean) == with_lm.decode(clean) == "the mat"
 
 
+@pytest.mark.fast
 def test_tuner_finds_a_known_optimum():
     def score(alpha: float, beta: float) -> tuple[float, float]:
         return (alpha - 1.2) ** 2 + (beta - 0.7) ** 2, abs(alpha - 1.2)
@@ -122,6 +128,7 @@ def test_tuner_finds_a_known_optimum():
     assert result["wer"] == min(t["wer"] for t in result["trials"])
 
 
+@pytest.mark.fast
 def test_unknown_decoder_and_missing_lm_name_the_fix(tmp_path):
     tokenizer = _tokenizer(tmp_path)
     with pytest.raises(LMError, match="choose one of greedy, beam, beam_lm"):

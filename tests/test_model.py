@@ -10,6 +10,8 @@ from transformers import Wav2Vec2BertConfig, Wav2Vec2BertForCTC
 
 from asr.model import disable_adapter_layerdrop
 
+pytestmark = pytest.mark.fast  # the quick tier: `make test-fast`
+
 
 def _tiny(layerdrop: float) -> Wav2Vec2BertForCTC:
     shape = OmegaConf.to_container(compose_cfg().model.config)

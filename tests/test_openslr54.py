@@ -19,6 +19,8 @@ from asr.data.audio import load_audio
 from asr.features import build_processor, build_vocab, extract_features, normalize_splits
 from asr.model import load_feature_extractor
 
+pytestmark = pytest.mark.fast  # the quick tier: `make test-fast`
+
 TINY = [
     "dataset.sizes.train=30",
     "dataset.sizes.dev=5",

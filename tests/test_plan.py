@@ -84,6 +84,7 @@ def no_tracking(monkeypatch):
     _tracking.cache_clear()
 
 
+@pytest.mark.fast
 def test_plan_names_a_job_that_does_not_compose(no_tracking, capsys):
     from asr.hydra_seam import grid_jobs
     from asr.plan import print_plan
@@ -95,6 +96,7 @@ def test_plan_names_a_job_that_does_not_compose(no_tracking, capsys):
     assert err.strip() == "error: 1 job(s) do not compose (see the table); nothing submitted"
 
 
+@pytest.mark.fast
 def test_sweep_plan_is_an_upper_bound(no_tracking, capsys, tmp_path):
     from asr.plan import print_study_plan
     from asr.sweep.spec import spec_from_config
@@ -116,6 +118,7 @@ def test_sweep_plan_is_an_upper_bound(no_tracking, capsys, tmp_path):
     assert not (tmp_path / "study").exists()  # no study created, no worker started
 
 
+@pytest.mark.fast
 def test_plan_prefers_mlflow_runs_of_the_same_settings(tmp_path, monkeypatch, no_tracking):
     """An earlier run's measured throughput (train_audio_seconds_per_second) beats the table."""
     from mlflow.tracking import MlflowClient
@@ -152,6 +155,7 @@ def test_plan_prefers_mlflow_runs_of_the_same_settings(tmp_path, monkeypatch, no
     assert result.gpu_hours > 0
 
 
+@pytest.mark.fast
 def test_manifest_hours_are_measured(tmp_path):
     from asr.estimate import dataset_hours
 
@@ -169,6 +173,7 @@ def test_manifest_hours_are_measured(tmp_path):
     ) and "measured from train.jsonl" in source
 
 
+@pytest.mark.fast
 def test_manifest_hours_without_durations_given_dev_and_test_files(tmp_path):
     """No `duration` fields: the audio headers give the hours; a missing file makes them UNKNOWN, not 0.0.
     Given dev and test files are not carved out of train, and the dev hours are the dev file's."""

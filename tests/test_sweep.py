@@ -74,6 +74,7 @@ def states(study: optuna.Study) -> dict[str, int]:
 
 
 # ---- search spaces ------------------------------------------------------------------------------
+@pytest.mark.fast
 def test_every_grammar_form_maps_to_its_optuna_distribution():
     space = parse_space(
         {
@@ -416,6 +417,7 @@ def test_train_py_multirun_with_the_optuna_sweeper_plugin_and_submitit_workers(t
 # ---- the command line against the study file ----------------------------------------------------
 
 
+@pytest.mark.fast
 def test_a_command_line_value_wins_over_the_study_files_fixed_value():
     """`python sweep.py trainer.eval_steps=10`: cpu_demo fixes eval_steps 100, the user's 10 must win."""
     args = ["trainer.eval_steps=10"]
@@ -428,11 +430,13 @@ def test_a_command_line_value_wins_over_the_study_files_fixed_value():
     assert cfg.trainer.eval_steps == 10 and cfg.trainer.epochs == 3 and cfg.trainer.lr == 1e-3
 
 
+@pytest.mark.fast
 def test_a_command_line_value_for_a_swept_key_is_refused_with_the_fix():
     with pytest.raises(SearchSpaceError, match=r"trainer.lr is searched by the study.*sweep.params.trainer.lr"):
         spec_for(["trainer.lr=1e-3"])
 
 
+@pytest.mark.fast
 def test_one_search_space_entry_changed_added_or_removed_from_the_command_line():
     """The documented forms: sweep.params.<key>=<value> fixes a key, a quoted range changes one,
     + adds one, ~ removes one; the rest of the study file's space stays."""
@@ -451,6 +455,7 @@ def test_one_search_space_entry_changed_added_or_removed_from_the_command_line()
     assert "trainer.eval_steps=10" in space.fixed and "trainer.epochs=3" in space.fixed
 
 
+@pytest.mark.fast
 def test_the_private_optuna_calls_work_on_the_installed_optuna(tmp_path):
     """asr/sweep/storage.py reaches into Optuna where it has no public API. A new Optuna that changes
     those internals must fail here, with what to do, not in the middle of a study."""

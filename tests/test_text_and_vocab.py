@@ -9,6 +9,8 @@ from asr.data.text import normalize_text, number_to_words
 from asr.features import build_processor, build_vocab
 from asr.model import load_feature_extractor
 
+pytestmark = pytest.mark.fast  # the quick tier: `make test-fast`
+
 
 @pytest.mark.parametrize(
     ("raw", "expected"),

@@ -77,6 +77,7 @@ def test_gpu_fast_composes_and_trains_on_cpu(tmp_path):
     assert metrics["test_wer"] <= 1.0
 
 
+@pytest.mark.fast
 def test_clock_counts_training_steps_only():
     stats = BatchStats()
     callback = ThroughputCallback(stats, frames_per_second=50)
@@ -97,6 +98,7 @@ def test_clock_counts_training_steps_only():
     assert summary["train_audio_seconds_per_second"] == pytest.approx(16.0 / summary["train_timed_seconds"])
 
 
+@pytest.mark.fast
 def test_flop_estimate_matches_torch_flop_counter():
     """The MFU numerator (6·P·B·T + 12·L·d·B·T²) against counted FLOPs of a forward + backward pass."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -187,6 +189,7 @@ def test_throughput_benchmark_runs_both_presets_and_the_bare_loop(tmp_path, monk
     assert summary["A_over_B"] == pytest.approx(summary["A_audio_s_per_s"] / summary["B_audio_s_per_s"])
 
 
+@pytest.mark.fast
 def test_gpu_fast_allocator_setting_goes_into_the_environment(monkeypatch):
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     cfg = compose_cfg("trainer=gpu_fast").trainer
