@@ -120,6 +120,14 @@ def run_audit(
         f" ({reasons})" if files else "",
         report_path,
     )
+    _check_enough_left(report, files, cfg, allow_missing, reasons, report_path)
+    return clean, report
+
+
+def _check_enough_left(
+    report: dict, files: list[dict], cfg: DictConfig, allow_missing: bool, reasons: str, report_path: Path
+) -> None:
+    """A split with nothing left, or a train split losing more than audit.max_bad_fraction, stops the run."""
     for split, numbers in report["by_split"].items():
         if numbers["rows"] == numbers["quarantined"]:
             raise DataError(f"every {split} utterance was quarantined ({reasons}); see {report_path}")
@@ -131,7 +139,6 @@ def run_audit(
             f"audit.max_bad_fraction={cfg.max_bad_fraction}; see {report_path}. Fix the data, or raise the "
             "threshold if this is expected."
         )
-    return clean, report
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -31,9 +31,11 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig, output_dir: Path) -> dict:
+    """Decode `cfg.split` with `cfg.decoder`, report it (and, for a beam decoder, against greedy decoding of
+    the same logits), and record it in a new MLflow run tagged with the training run it evaluates."""
     scored = scoring_split(cfg, cfg.split, output_dir)
     model, processor, split, refs = scored.model, scored.processor, scored.split, scored.references
-    model_dir, train_run_id = scored.source.model_dir, scored.source.train_run_id
+    model_dir = scored.source.model_dir
     log_probs, _ = cached_log_probs(model_dir, model, processor, split, cfg.split, cfg.paths.cache_dir, cfg.batch_size)
     decoder = build_decoder(cfg.decoder, cfg.lm, processor.tokenizer, model.config.vocab_size, model_dir)
     hyps, seconds = decoder.decode_all(log_probs)
@@ -42,35 +44,14 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict:
         "model_dir": str(model_dir),
         "split": cfg.split,
         "dataset": scored.source.dataset.name,
-        "training_run": train_run_id,
+        "training_run": scored.source.train_run_id,
     }
     report["decoding"] = {**decoder.describe(), "seconds_per_utterance": seconds}
     if decoder.kind != "greedy":  # the same logits decoded greedily: does the beam (and LM) really help?
         greedy = CTCDecoder("greedy", processor.tokenizer, model.config.vocab_size).decode_all(log_probs)[0]
         report["versus_greedy"] = paired_rates(refs, greedy, hyps, split["speaker"], cfg.bootstrap)
     write_report(output_dir, cfg.split, report, split, refs, hyps)
-
-    tracker = MlflowRun(
-        cfg.tracking,
-        f"evaluate {cfg.split}: {model_dir}",
-        {"evaluates_run_id": train_run_id or "", "split": cfg.split, "decoder": decoder.kind},
-    )
-    tracker.log_metrics(
-        {f"{cfg.split}_{k}": report[k] for k in ("wer", "cer", "substitutions", "deletions", "insertions")}, step=0
-    )
-    tracker.log_metrics({f"{cfg.split}_decode_seconds_per_utterance": seconds}, step=0)
-    if "versus_greedy" in report:
-        tracker.log_metrics({f"{cfg.split}_wer_minus_greedy": report["versus_greedy"]["wer"]["difference"]}, step=0)
-    tracker.log_metrics(
-        {
-            f"{cfg.split}_wer_ci95_low": report["bootstrap"]["wer_ci95"][0],
-            f"{cfg.split}_wer_ci95_high": report["bootstrap"]["wer_ci95"][1],
-        },
-        step=0,
-    )
-    for name in ("report.json", "report.md", f"predictions_{cfg.split}.jsonl"):
-        tracker.log_artifact(output_dir / name)
-    tracker.end("FINISHED")
+    _record(cfg, report, output_dir, decoder.kind, scored.source.train_run_id)
     b = report["bootstrap"]
     log.info(
         "%s WER %.4f [%.4f, %.4f], CER %.4f (%s decoding) → %s",
@@ -82,13 +63,28 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict:
         output_dir / "report.md",
     )
     if "versus_greedy" in report:
-        log.info(
-            "%s versus greedy (A = greedy, B = %s): %s",
-            cfg.split,
-            decoder.kind,
-            report["versus_greedy"]["wer"]["verdict"],
-        )
+        verdict = report["versus_greedy"]["wer"]["verdict"]
+        log.info("%s versus greedy (A = greedy, B = %s): %s", cfg.split, decoder.kind, verdict)
     return report
+
+
+def _record(cfg: DictConfig, report: dict, output_dir: Path, decoder: str, train_run_id: str | None) -> None:
+    """The evaluation as its own MLflow run: rates, interval, decoding time, the report files."""
+    split = cfg.split
+    tracker = MlflowRun(
+        cfg.tracking,
+        f"evaluate {split}: {report['source']['model_dir']}",
+        {"evaluates_run_id": train_run_id or "", "split": split, "decoder": decoder},
+    )
+    metrics = {f"{split}_{k}": report[k] for k in ("wer", "cer", "substitutions", "deletions", "insertions")}
+    metrics[f"{split}_decode_seconds_per_utterance"] = report["decoding"]["seconds_per_utterance"]
+    if "versus_greedy" in report:
+        metrics[f"{split}_wer_minus_greedy"] = report["versus_greedy"]["wer"]["difference"]
+    metrics[f"{split}_wer_ci95_low"], metrics[f"{split}_wer_ci95_high"] = report["bootstrap"]["wer_ci95"]
+    tracker.log_metrics(metrics, step=0)
+    for name in ("report.json", "report.md", f"predictions_{split}.jsonl"):
+        tracker.log_artifact(output_dir / name)
+    tracker.end("FINISHED")
 
 
 def compare(cfg: DictConfig, output_dir: Path) -> dict:

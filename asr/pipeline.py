@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback, set_seed
 
-from asr import requeue, roles, threads
+from asr import averaging, requeue, roles, threads
 from asr.audit import run_audit
 from asr.data import fingerprint
 from asr.data.text import NORMALIZATION_VERSION
@@ -127,43 +127,35 @@ def _prepare(parts: RunParts, role: roles.Plain) -> None:
         quarantined = {f"audit_{k}": v for k, v in audit["by_reason"].items()}
         tracker.log_metrics({"audit_quarantined": audit["quarantined"], **quarantined}, step=0)
         tracker.log_artifact(parts.output_dir / "data_audit.json")
-    if role.tests:  # its LM step's settings are checked before training, not after hours of it
+    if role.tests:  # what its test step needs is checked before training, not after hours of it
         check_lm_before_training(cfg, parts.features)
+        averaging.check_settings(cfg.trainer)
 
 
 def _test_and_record(parts: RunParts, role: roles.Plain, trainer, metrics: dict) -> dict:
-    """Save the tested model, test it, write metrics.json and the predictions, decode with an LM if asked."""
-    cfg, output_dir, features, processor, tracker = (
-        parts.cfg,
-        parts.output_dir,
-        parts.features,
-        parts.processor,
-        parts.tracker,
-    )
+    """Save the tested model, test it (and the checkpoint average, if asked), write metrics.json and the
+    predictions, decode with an LM if asked."""
+    cfg, output_dir, features, processor = parts.cfg, parts.output_dir, parts.features, parts.processor
     trainer.save_model(str(output_dir / "model"))  # the best checkpoint, restored by load_best_model_at_end
     test = trainer.predict(features["test"], metric_key_prefix="test")  # every rank takes part, and gets every row
     references, hypotheses = decode_predictions(processor.tokenizer, test.predictions, test.label_ids)
     tested = {k: v for k, v in test.metrics.items() if k.startswith("test_") and "per_second" not in k}
     metrics = {**metrics, **tested}
+    averaged = _test_average(parts, trainer) if cfg.trainer.average_checkpoints else None
     if parts.rank != 0:
         return metrics
     processor.save_pretrained(str(output_dir / "model"))
     ids, speakers = features["test"]["id"], features["test"]["speaker"]
     write_predictions(output_dir / "predictions_test.jsonl", ids, speakers, references, hypotheses)
     step = trainer.state.global_step
-    _save_results(output_dir, metrics, tracker, step, ("metrics.json", "predictions_test.jsonl", "model/vocab.json"))
+    _save_results(
+        output_dir, metrics, parts.tracker, step, ("metrics.json", "predictions_test.jsonl", "model/vocab.json")
+    )
+    if averaged:
+        metrics.update(averaged)
+        _save_results(output_dir, metrics, parts.tracker, step, ("average/predictions_test.jsonl",), logged=averaged)
     if cfg.lm.after_training:  # greedy and n-gram LM test WER side by side (asr/lm/after_training.py)
-        from asr.lm.after_training import decode_test_with_lm
-
-        try:
-            lm_metrics = decode_test_with_lm(cfg, output_dir, trainer.model, features, processor)
-        except Exception as err:  # noqa: BLE001  (the trained model and its metrics are kept whatever the LM does)
-            log.error("LM decoding failed (%s: %s); the run's model and metrics are kept", type(err).__name__, err)
-            tracker.set_tag("lm_error", f"{type(err).__name__}: {err}"[:5000])
-        else:
-            metrics.update(lm_metrics)
-            files = ("metrics.json", "predictions_test_lm.jsonl", "model/lm/lm.json")
-            _save_results(output_dir, metrics, tracker, step, files, logged=lm_metrics)
+        metrics.update(_lm_step(parts, trainer, step, metrics))
     role.finished(parts, metrics)
     log.info(
         "eval WER %.4f (best, step %s) | test WER %.4f, CER %.4f | %s",
@@ -174,6 +166,60 @@ def _test_and_record(parts: RunParts, role: roles.Plain, trainer, metrics: dict)
         output_dir,
     )
     return metrics
+
+
+def _test_average(parts: RunParts, trainer) -> dict:
+    """trainer.average_checkpoints: the weight average of N of this run's checkpoints, evaluated on dev and
+    tested (eval_avg_*, test_avg_* beside the run's own eval_* and test_*), saved in average/ (model/ and
+    predictions_test.jsonl, so `asr.evaluate 'compare=[<run>,<run>/average]'` pairs the two); the run's own
+    model is restored afterwards (the LM step decodes with it)."""
+    settings, output_dir, features, processor = parts.cfg.trainer, parts.output_dir, parts.features, parts.processor
+    chosen = averaging.choose(
+        Path(trainer.args.output_dir),
+        settings.average_checkpoints,
+        settings.average_checkpoints_by,
+        trainer.state.log_history,
+    )
+    if len(chosen) < settings.average_checkpoints:
+        log.warning(
+            "trainer.average_checkpoints=%d: only %d checkpoint(s) saved; no average tested",
+            settings.average_checkpoints,
+            len(chosen),
+        )
+        return {}
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    own = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+    model.load_state_dict(averaging.average_weights(chosen))
+    steps = " ".join(str(averaging.step_of(c)) for c in chosen)
+    log.info("Testing the average of %d checkpoints (steps %s)", len(chosen), steps)
+    dev = trainer.evaluate(metric_key_prefix="eval_avg")
+    test = trainer.predict(features["test"], metric_key_prefix="test_avg")
+    result = {k: v for k, v in {**dev, **test.metrics}.items() if k.endswith(("_wer", "_cer", "_loss"))}
+    if parts.rank == 0:
+        trainer.save_model(str(output_dir / "average" / "model"))
+        processor.save_pretrained(str(output_dir / "average" / "model"))
+        references, hypotheses = decode_predictions(processor.tokenizer, test.predictions, test.label_ids)
+        ids, speakers = features["test"]["id"], features["test"]["speaker"]
+        write_predictions(output_dir / "average" / "predictions_test.jsonl", ids, speakers, references, hypotheses)
+        parts.tracker.set_tag("averaged_checkpoints", steps)
+    model.load_state_dict(own)
+    return result
+
+
+def _lm_step(parts: RunParts, trainer, step: int, metrics: dict) -> dict:
+    """The LM step after training; a failure is logged and tagged, and the run's model and metrics are kept."""
+    from asr.lm.after_training import decode_test_with_lm
+
+    cfg, output_dir, tracker = parts.cfg, parts.output_dir, parts.tracker
+    try:
+        lm_metrics = decode_test_with_lm(cfg, output_dir, trainer.model, parts.features, parts.processor)
+    except Exception as err:  # noqa: BLE001  (the trained model and its metrics are kept whatever the LM does)
+        log.error("LM decoding failed (%s: %s); the run's model and metrics are kept", type(err).__name__, err)
+        tracker.set_tag("lm_error", f"{type(err).__name__}: {err}"[:5000])
+        return {}
+    files = ("metrics.json", "predictions_test_lm.jsonl", "model/lm/lm.json")
+    _save_results(output_dir, {**metrics, **lm_metrics}, tracker, step, files, logged=lm_metrics)
+    return lm_metrics
 
 
 def _save_results(

@@ -37,6 +37,8 @@ class TrainerConf:
     eval_steps: int = MISSING
     save_steps: int = MISSING
     save_total_limit: int | None = MISSING
+    average_checkpoints: int = MISSING
+    average_checkpoints_by: str = MISSING
     logging_steps: int = MISSING
     dataloader_num_workers: int = MISSING
     batch_seconds: float | None = MISSING

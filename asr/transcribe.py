@@ -77,7 +77,7 @@ def build_pipeline(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Transcribe audio files with a model saved by train.py (its model/ folder)."
     )
@@ -108,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         "--alpha", type=float, default=None, help="LM weight (default: the value tuned into the LM's lm.json)"
     )
     parser.add_argument("--beta", type=float, default=None, help="word insertion bonus (default: the tuned value)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print each file's transcript (path<TAB>text, or JSON lines); exit 1 if a file could not be read."""
+    args = _parser().parse_args(argv)
 
     if not (Path(args.model_dir) / "config.json").is_file():
         raise ConfigError(

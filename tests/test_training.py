@@ -8,11 +8,13 @@ import jiwer
 import mlflow
 import pytest
 import soundfile as sf
+import torch
 from conftest import LEARNING_RUN, SMALL_CORPUS, compose_cfg
 from mlflow.tracking import MlflowClient
 from transformers import pipeline as hf_pipeline
 
 from asr import pipeline, roles
+from asr.evaluate import compare
 from asr.tracking import tracking_uri
 
 
@@ -115,3 +117,33 @@ def test_reported_best_is_the_restored_model_when_saves_are_sparser_than_evaluat
         best_eval(history, after_step=600, restored="/run/checkpoints/checkpoint-1200", tested=True)["best_step"]
         == 1200
     )
+
+
+def test_checkpoint_averaging_tests_the_average_beside_the_runs_model(tmp_path):
+    """trainer.average_checkpoints=2: the two newest checkpoints' weights are averaged, evaluated and tested
+    beside the run's own model (which stays what model/ and test_wer are), saved in average/, which
+    `asr.evaluate compare` pairs with the run."""
+    from safetensors.torch import load_file
+
+    from asr.averaging import average_weights
+
+    overrides = ["trainer.average_checkpoints=2", "trainer.save_total_limit=null"]
+    cfg = compose_cfg(*SMALL_CORPUS, "debug=fast", "tracking.experiment=test-averaging", *overrides)
+    metrics = pipeline.run(cfg, tmp_path, overrides=overrides)
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("test_avg_wer", "test_avg_cer", "eval_avg_wer"):
+        assert 0 <= on_disk[key] <= 1.5 and metrics[key] == on_disk[key]
+    newest = [tmp_path / "checkpoints" / f"checkpoint-{step}" for step in (20, 30)]
+    averaged = load_file(str(tmp_path / "average" / "model" / "model.safetensors"))
+    expected = average_weights(newest)
+    assert averaged.keys() == expected.keys()
+    assert all(torch.equal(averaged[name], expected[name]) for name in expected)
+    own = load_file(str(tmp_path / "model" / "model.safetensors"))
+    best = load_file(str(tmp_path / "checkpoints" / f"checkpoint-{on_disk['best_step']}" / "model.safetensors"))
+    assert all(torch.equal(own[name], best[name]) for name in best)  # the run's own model is untouched
+    assert len((tmp_path / "average" / "predictions_test.jsonl").read_text().splitlines()) == 16
+    compare_cfg = compose_cfg(f"compare=[{tmp_path},{tmp_path / 'average'}]", config_name="evaluate")
+    assert compare(compare_cfg, tmp_path / "compare")["utterances"] == 16
+    client, run = _training_run(tmp_path)
+    assert run.data.tags["averaged_checkpoints"] == "20 30"
+    assert run.data.metrics["test_avg_wer"] == pytest.approx(on_disk["test_avg_wer"])

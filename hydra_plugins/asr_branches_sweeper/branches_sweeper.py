@@ -36,40 +36,11 @@ class BranchesSweeper(basic_sweeper()):
 
     def sweep(self, arguments: list[str]) -> Any:
         import asr  # noqa: F401  (the ${repo_dir:} resolver)
-        from asr import branches
-        from asr.cli import fail
-        from asr.errors import UserError
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
-        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        combos = self.split_arguments(parser.parse_overrides(self._parse_config() + list(arguments)), None)[0]
-        groups: OrderedDict[tuple[str, ...], dict[float, list[str]]] = OrderedDict()
-        for combo in combos:
-            lengths = [o.split("=", 1)[1] for o in combo if override_key(o) == EPOCHS]
-            if not lengths:
-                fail(f"hydra/sweeper=branches forks branches of different lengths. Fix: add e.g. {EPOCHS}=8,20,40")
-            rest = tuple(o for o in combo if override_key(o) != EPOCHS)
-            groups.setdefault(rest, {})[float(lengths[0])] = combo
+        plans = self._trunk_plans(arguments)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-
-        plans = []  # (trunk folder, [(epochs, overrides)] shortest first) per trunk
-        for rest, by_length in groups.items():
-            first = self.hydra_context.config_loader.load_sweep_config(
-                self.config, list(next(iter(by_length.values())))
-            )
-            try:
-                branches.check_settings(first)
-            except UserError as err:
-                fail(str(err))
-            folder = branches.TrunkFolder(Path(self.trunks_dir).resolve() / branches.trunk_key(first))
-            plans.append((folder, sorted(by_length.items())))
-            log.info(
-                "Trunk %s for %s (lengths %s)",
-                folder.path,
-                " ".join(rest) or "the defaults",
-                ", ".join(f"{e:g}" for e in sorted(by_length)),
-            )
 
         def job(folder, overrides: list[str], role: str) -> list[str]:
             return [*overrides, f"branch.role={role}", f"branch.trunk_dir={folder.path}"]
@@ -102,6 +73,41 @@ class BranchesSweeper(basic_sweeper()):
             ran.extend(results)
         self._record_compute(plans, ran, sweep_dir)
         return returns
+
+    def _trunk_plans(self, arguments: list[str]) -> list:
+        """(trunk folder, [(epochs, overrides)] shortest first) per trunk: one per combination of the other
+        swept keys; a setting that cannot share a trunk ends the command in one line."""
+        from asr import branches
+        from asr.cli import fail
+        from asr.errors import UserError
+
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        combos = self.split_arguments(parser.parse_overrides(self._parse_config() + list(arguments)), None)[0]
+        groups: OrderedDict[tuple[str, ...], dict[float, list[str]]] = OrderedDict()
+        for combo in combos:
+            lengths = [o.split("=", 1)[1] for o in combo if override_key(o) == EPOCHS]
+            if not lengths:
+                fail(f"hydra/sweeper=branches forks branches of different lengths. Fix: add e.g. {EPOCHS}=8,20,40")
+            rest = tuple(o for o in combo if override_key(o) != EPOCHS)
+            groups.setdefault(rest, {})[float(lengths[0])] = combo
+        plans = []
+        for rest, by_length in groups.items():
+            first = self.hydra_context.config_loader.load_sweep_config(
+                self.config, list(next(iter(by_length.values())))
+            )
+            try:
+                branches.check_settings(first)
+            except UserError as err:
+                fail(str(err))
+            folder = branches.TrunkFolder(Path(self.trunks_dir).resolve() / branches.trunk_key(first))
+            plans.append((folder, sorted(by_length.items())))
+            log.info(
+                "Trunk %s for %s (lengths %s)",
+                folder.path,
+                " ".join(rest) or "the defaults",
+                ", ".join(f"{e:g}" for e in sorted(by_length)),
+            )
+        return plans
 
     @staticmethod
     def _trunk_done(folder, remaining) -> bool:
