@@ -14,6 +14,8 @@ on free ports picked at start: munged, slurmctld + slurmd (one node, 2 fake GPUs
 `optuna`) and `mlflow server` on PostgreSQL. There is no SLURM accounting: the drivers notice a job
 that left the queue without a result themselves (asr.cluster.jobs).
 Needs Debian's `slurmctld slurmd slurm-client munge postgresql` (see PACKAGES) and root.
+One concern over ~300 lines: bringing up, describing and tearing down the same four servers, whose
+config files and start order depend on each other.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Typed schemas for the config groups code reads most: `trainer`, `branch`, `tracking`, `lm` and `sweep`.
 
 The values and their one-line comments stay in conf/ (every trainer preset starts from
-conf/trainer/base.yaml); these dataclasses only say which keys exist and of what type. Each YAML
+conf/shared/trainer.yaml); these dataclasses only say which keys exist and of what type. Each YAML
 file pulls its schema in first (`- /schema/trainer@_here_`), so a misspelt key in a preset or an
 experiment, or a value of the wrong type on the command line (`trainer.lr=fast`), is an error when
 the config is composed, before any data is loaded, instead of a key silently ignored.

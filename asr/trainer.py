@@ -4,6 +4,8 @@ in asr.torch_setup.
 
 `CTCTrainer` is the HF Trainer with batches sized by audio seconds (asr.batching), evaluation
 batches sorted by length, and padded frames forced to the CTC blank before metrics see them.
+One concern over ~300 lines: the Trainer subclass overrides the sampler, the data loaders and the
+prediction loop together, and they only make sense side by side.
 """
 
 from __future__ import annotations

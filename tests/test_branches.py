@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import helpers
 import pytest
 import torch
 from conftest import SESSION_DIR, SMALL_CORPUS
@@ -36,14 +37,7 @@ SIZE = ["debug=fast", "trainer.max_steps=null", *SMALL_CORPUS]  # debug=fast cap
 
 def _train(*args: str, cwd: Path = REPO_DIR) -> subprocess.CompletedProcess:
     """train.py with `cwd`'s own MLflow store (the default store is the repository's mlflow.db)."""
-    return subprocess.run(
-        [sys.executable, str(REPO_DIR / "train.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0", "MLFLOW_TRACKING_URI": f"sqlite:///{Path(cwd) / 'mlflow.db'}"},
-    )
+    return helpers.train_py(*args, cwd=cwd, env={"MLFLOW_TRACKING_URI": f"sqlite:///{Path(cwd) / 'mlflow.db'}"})
 
 
 def _lr_curve(fraction: float, shape: str, total: int, warmup: int, hold: bool = False) -> list[float]:

@@ -3,12 +3,12 @@ never in a traceback; and the CPU thread policy."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import helpers
 import pytest
 from conftest import SMALL_CORPUS, compose_cfg
 from mlflow.tracking import MlflowClient
@@ -19,9 +19,7 @@ from asr.tracking import tracking_uri
 
 
 def run(*args: str, cwd=REPO_DIR, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return helpers.python(*args, cwd=cwd, env=env_extra, timeout=300)
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:

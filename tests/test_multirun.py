@@ -9,77 +9,30 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 
+import helpers
 import pytest
 from conftest import SESSION_DIR, SMALL_CORPUS, compose_cfg
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from asr import sweep_summary
-from asr.paths import REPO_DIR
 from asr.tracking import MlflowRun, TrackingUnavailableError
 
 FAST_GRID = ["debug=fast", "trainer.max_steps=null", *SMALL_CORPUS]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server():
     """A real tracking server with an SQLite backend, as users run one for a cluster."""
-    port = _free_port()
-    folder = SESSION_DIR / "server"
-    folder.mkdir()
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{folder / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(folder / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    server = subprocess.Popen(
-        command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(uri + "/health", timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None, "mlflow server exited during start-up"
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not answer within 60 s")
+    with helpers.mlflow_server(SESSION_DIR / "server") as uri:
         yield uri
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
 
 
 def _train(*args: str, uri: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **({"MLFLOW_TRACKING_URI": uri} if uri else {})}
-    return subprocess.run(
-        [sys.executable, "train.py", *args], cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=900
-    )
+    return helpers.train_py(*args, env={"MLFLOW_TRACKING_URI": uri} if uri else None)
 
 
 def _sweep(client: MlflowClient, experiment: str):
@@ -197,7 +150,7 @@ def test_grid_over_a_missing_key_fails_before_any_job(tmp_path):
 
 
 def test_unreachable_tracking_server_is_one_clear_error(tmp_path):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{helpers.free_port()}"
     started = time.monotonic()
     with pytest.raises(TrackingUnavailableError, match=uri):
         MlflowRun(compose_cfg(f"tracking.uri={uri}").tracking, "run", {})

@@ -27,12 +27,12 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -318,14 +318,8 @@ def test_make_setup_with_a_cuda_torch(checkout):
     assert "pip install --quiet torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" in dry
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_make_ui(checkout, run_a):
-    port = _free_port()
+    port = helpers.free_port()
     server = subprocess.Popen(
         ["bash", "-c", f"make ui PORT={port}"],
         cwd=checkout.root,
