@@ -138,6 +138,7 @@ class SweepConf:
     oom_retry: bool = MISSING
     report_only: bool = MISSING
     plan: bool = MISSING
+    fidelity: str = MISSING
     params: dict[str, Any] = field(default_factory=dict)  # key → Hydra sweep grammar (nested like the config)
 
 

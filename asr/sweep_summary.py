@@ -73,6 +73,7 @@ def summary_table(client: MlflowClient, parent: Run) -> pd.DataFrame:
                 "job": int(run.data.tags["job_num"]),
                 **dict(sorted(swept.items())),
                 **({"role": run.data.tags["branch_role"]} if "branch_role" in run.data.tags else {}),
+                **({"rung": int(run.data.tags["rung"])} if "rung" in run.data.tags else {}),
                 **{m: run.data.metrics.get(m, float("nan")) for m in ("best_eval_wer", "test_wer", "test_cer")},
                 **{m: run.data.metrics[m] for m in LM_COLUMNS if m in run.data.metrics},
                 "runtime_min": round((ended - run.info.start_time) / 60000, 1),
@@ -86,7 +87,7 @@ def summary_table(client: MlflowClient, parent: Run) -> pd.DataFrame:
 
 
 def swept_keys(table: pd.DataFrame) -> list[str]:
-    return [c for c in table.columns if c not in ("job", "role", *COLUMNS, *LM_COLUMNS, "error", "run_id")]
+    return [c for c in table.columns if c not in ("job", "role", "rung", *COLUMNS, *LM_COLUMNS, "error", "run_id")]
 
 
 def plot_sweep(client: MlflowClient, table: pd.DataFrame, path: Path) -> Path:

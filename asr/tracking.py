@@ -115,6 +115,7 @@ class SweepJob:
     job_num: int
     swept: dict[str, str]  # swept key → this job's value, e.g. {"trainer.epochs": "8"}
     tags: dict[str, str] = field(default_factory=dict)  # e.g. optuna_study / optuna_trial
+    sweep_id: str | None = None  # the grid's or study's parent when the parent here is a trial's run (nested)
 
 
 def create_parent_run(
@@ -193,7 +194,7 @@ class MlflowRun:
             tags.update(
                 {
                     "mlflow.parentRunId": self.sweep.parent_run_id,
-                    "sweep_id": self.sweep.parent_run_id,
+                    "sweep_id": self.sweep.sweep_id or self.sweep.parent_run_id,
                     "sweep_role": "job",
                     "job_num": str(self.sweep.job_num),
                     **self.sweep.tags,

@@ -15,14 +15,15 @@ from pathlib import Path
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
+from asr import branches
 from asr.cluster.jobs import wait_all
 from asr.hydra_seam import launcher_kind, submitit_executor, submitit_launcher
 from asr.sweep.parent_run import close_parent, open_parent
 from asr.sweep.report import summarize
-from asr.sweep.spec import SweepSpec
+from asr.sweep.spec import EPOCHS, SweepSpec
 from asr.sweep.storage import safe_url, storage_url
 from asr.sweep.study import enqueue_grid, load_study, requeue_interrupted, work
-from asr.sweep.trial import FINISHED, counted, n_trials_total
+from asr.sweep.trial import FINISHED, compose_train_config, counted, n_trials_total
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,12 @@ def run_submitit_workers(spec_path: Path, workers: int, launcher: DictConfig) ->
 
 def run_study(spec: SweepSpec, launcher: DictConfig | None = None, report_only: bool = False) -> optuna.Study:
     """Create or resume the study, run its workers, then report (also after Ctrl-C or a crash)."""
+    spec.check_fidelity()
     spec.dir.mkdir(parents=True, exist_ok=True)
     study = load_study(spec)  # composes the trials' base config first: a bad override fails before any worker starts
+    if spec.fidelity == "branches":  # what a shared trunk needs (WSD, whole epochs), refused before any worker starts
+        first = compose_train_config([*spec.trial_overrides(), f"{EPOCHS}={spec.rungs()[0]:g}"])
+        branches.check_settings(first)
     if report_only:
         summarize(study, spec)
         return study

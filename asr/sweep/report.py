@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from asr.sweep.space import to_overrides
-from asr.sweep.spec import SweepSpec
+from asr.sweep.spec import EPOCHS, SweepSpec
 from asr.sweep.trial import CONF_DIR, counted
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,10 @@ def write_best_yaml(study: optuna.Study, spec: SweepSpec) -> Path | None:
     best = best_trial(study)
     if best is None:
         return None
-    overrides = spec.trial_overrides(best.params)
+    params = dict(best.params)
+    if spec.fidelity == "branches":  # a finished trial's value is its longest rung's branch
+        params[EPOCHS] = spec.rungs()[-1]
+    overrides = spec.trial_overrides(params)
     name = best_experiment_name(spec)
     header = (
         f"# Best trial ({best.number}, {spec.study['metric']} {best.value:.4f}) of Optuna study "

@@ -10,9 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import CategoricalDistribution
 
 from asr.hydra_seam import override_key
 from asr.sweep.space import SearchSpace, SearchSpaceError, parse_space, to_overrides
+
+EPOCHS = "trainer.epochs"
+FIDELITIES = ("none", "branches")  # sweep.fidelity: independent trials, or trunks with cooldown branches as rungs
 
 
 @dataclass
@@ -35,9 +39,33 @@ class SweepSpec:
         return Path(self.study["dir"])
 
     def space(self) -> SearchSpace:
+        """What the sampler searches (with sweep.fidelity=branches, not the length: that is the rungs)."""
         if self.search_space is None:
             self.search_space = parse_space(self.study["params"])
+            if self.fidelity == "branches":
+                self.search_space.distributions.pop(EPOCHS, None)
+                self.search_space.grid_values.pop(EPOCHS, None)
         return self.search_space
+
+    @property
+    def fidelity(self) -> str:
+        return self.study.get("fidelity") or "none"
+
+    def rungs(self) -> list[float]:
+        """sweep.fidelity=branches: the lengths a trial's branches are trained to (trainer.epochs), shortest first."""
+        return sorted(float(value) for value in parse_space(self.study["params"]).distributions[EPOCHS].choices)
+
+    def check_fidelity(self) -> None:
+        """sweep.fidelity=branches takes its rungs from a choice of trainer.epochs: anything else is refused."""
+        if self.fidelity not in FIDELITIES:
+            raise SearchSpaceError(f"sweep.fidelity={self.fidelity!r}. Fix: one of {', '.join(FIDELITIES)}")
+        if self.fidelity == "branches":
+            epochs = parse_space(self.study["params"]).distributions.get(EPOCHS)
+            if not isinstance(epochs, CategoricalDistribution) or len(epochs.choices) < 2:
+                raise SearchSpaceError(
+                    "sweep.fidelity=branches trains each trial's rungs at the lengths of sweep.params.trainer.epochs, "
+                    "which is not a choice of two or more. Fix: sweep.params.trainer.epochs='choice(2,4,8)'"
+                )
 
     def trial_overrides(self, params: dict[str, Any] | None = None) -> list[str]:
         """What a trial passes to train.py's config: the study file's fixed values, then the sweep's
@@ -80,4 +108,5 @@ def spec_from_config(cfg: DictConfig, task_overrides: list[str]) -> SweepSpec:
         tracking=OmegaConf.to_container(cfg.tracking, resolve=True),
     )
     spec.check_command_line()
+    spec.check_fidelity()
     return spec

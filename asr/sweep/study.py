@@ -65,7 +65,8 @@ def load_study(spec: SweepSpec, worker: int = 0) -> optuna.Study:
         study_name=cfg.study_name,
         storage=open_storage(spec.study),
         sampler=build_sampler(cfg.sampler, worker),
-        pruner=build_pruner(cfg.pruner, spec.eval_steps),
+        # a trial reports at every evaluation, or (sweep.fidelity=branches) once per rung
+        pruner=build_pruner(cfg.pruner, 1 if spec.fidelity == "branches" else spec.eval_steps),
         direction=cfg.direction,
         load_if_exists=True,
     )

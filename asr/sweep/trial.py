@@ -18,15 +18,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from asr import requeue
+from asr import branches, requeue
 from asr.errors import RunPruned
 from asr.paths import REPO_DIR
 from asr.records import RunRecord
 from asr.sweep.pruning import OptunaPruningCallback
 from asr.sweep.space import format_value, to_overrides
-from asr.sweep.spec import SweepSpec
+from asr.sweep.spec import EPOCHS, SweepSpec
 from asr.sweep.storage import system_attrs
-from asr.tracking import SweepJob, tracking_uri
+from asr.tracking import MlflowRun, SweepJob, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +144,16 @@ def make_objective(spec: SweepSpec, train_fn=None):
         out = trial_dir(spec, trial.number)
         trial.set_user_attr("output_dir", str(out))
         try:
-            metrics = _train(trial, spec, params, out, train_fn or pipeline.run)
+            train = _train_rungs if spec.fidelity == "branches" else _train
+            metrics = train(trial, spec, params, out, train_fn or pipeline.run)
             value = _metric(metrics, spec.cfg.metric)
             trial.set_user_attr("metrics", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             _tag_child(spec, _mlflow_run_id(out), "COMPLETE")
             return value
         except RunPruned as pruned:
             raise optuna.TrialPruned(str(pruned)) from pruned
+        except optuna.TrialPruned:  # sweep.fidelity=branches: pruned at a rung
+            raise
         except (KeyboardInterrupt, SystemExit):  # Ctrl-C / SIGTERM / scancel / a requeue: re-queued on the next start
             trial.set_user_attr(INTERRUPTED, requeue.job_id() or True)
             _end_requeued_child(spec, _mlflow_run_id(out))
@@ -195,6 +198,82 @@ def _train(trial: optuna.Trial, spec: SweepSpec, params: dict[str, Any], out: Pa
             log.warning("trial %d ran out of memory; retrying once with %s", trial.number, change)
             resume = None
     raise AssertionError("unreachable: the second attempt returns or raises")
+
+
+def _train_rungs(trial: optuna.Trial, spec: SweepSpec, params: dict[str, Any], out: Path, train_fn) -> dict:
+    """sweep.fidelity=branches: the trial is one WSD trunk at its sampled settings; rung k trains the trunk on
+    to the fork of the k-th length and that length's cooldown branch, a finished model whose dev metric is
+    reported to the pruner. A pruned trial trains no further rung; a trial re-queued after its worker died
+    goes on in the dead trial's trunk folder (finished branches are not trained again)."""
+    trunk_dir = _trunk_dir(trial, spec, out)
+    folder = branches.TrunkFolder(trunk_dir)
+    container = _trial_run(trial, spec, params)
+    try:
+        for rung, epochs in enumerate(spec.rungs()):
+            overrides = [*spec.trial_overrides(params), f"{EPOCHS}={epochs:g}", f"branch.trunk_dir={trunk_dir}"]
+            metrics = folder.done(epochs)
+            if metrics:
+                log.info("trial %d: rung %d (%g epochs) finished earlier in %s", trial.number, rung, epochs, trunk_dir)
+            else:
+                job = _rung_job(trial, spec, params, container, rung, epochs)
+                for role in ("trunk", "branch"):
+                    role_cfg = compose_train_config([*overrides, f"branch.role={role}"])
+                    _save_config(out / f"rung_{rung}_{role}", role_cfg, overrides)
+                    metrics = train_fn(role_cfg, out / f"rung_{rung}_{role}", overrides=overrides, sweep_job=job)
+            value = _metric(metrics, spec.cfg.metric)
+            trial.set_user_attr(f"rung_{rung}", {"epochs": epochs, spec.cfg.metric: value})
+            trial.report(value, step=rung)
+            if trial.should_prune():
+                _end_trial_run(container, "FINISHED", "PRUNED")
+                raise optuna.TrialPruned(f"rung {rung} ({epochs:g} epochs): {spec.cfg.metric} {value:.4f}")
+    except optuna.TrialPruned:
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        _end_trial_run(container, "KILLED", "INTERRUPTED")
+        raise
+    except Exception:
+        _end_trial_run(container, "FAILED", "FAIL")
+        raise
+    _end_trial_run(container, "FINISHED", "COMPLETE")
+    return metrics
+
+
+def _trunk_dir(trial: optuna.Trial, spec: SweepSpec, out: Path) -> Path:
+    """This trial's trunk folder, or, for a trial re-queued after its worker died, the dead trial's."""
+    for number in system_attrs(trial).get("retry_history", []):  # set by RetryHeartbeatStaleTrialCallback
+        earlier = trial_dir(spec, number) / "trunk"
+        if earlier.is_dir():
+            trial.set_user_attr("resumed_from", str(earlier))
+            log.info("trial %d goes on in trial %d's trunk %s", trial.number, number, earlier)
+            return earlier
+    return out / "trunk"
+
+
+def _trial_run(trial: optuna.Trial, spec: SweepSpec, params: dict[str, Any]) -> MlflowRun | None:
+    """The trial's own MLflow run (a child of the study's); its trunk and branch runs are nested under it."""
+    job = _sweep_job(trial, spec, params)
+    if job is None:
+        return None
+    name = f"trial {trial.number}: " + (" ".join(to_overrides(params)) or "defaults")
+    run = MlflowRun(OmegaConf.create(spec.tracking), name, {"sweep_fidelity": "branches"}, sweep=job)
+    run.set_tag("sweep_role", "trial")  # a row per rung in `make compare`, not one for the trial
+    if run.run_id:
+        trial.set_user_attr("mlflow_run_id", run.run_id)
+    return run
+
+
+def _rung_job(trial, spec: SweepSpec, params: dict[str, Any], container, rung: int, epochs: float) -> SweepJob | None:
+    if container is None or container.run_id is None:
+        return None
+    swept = {**{k: format_value(v) for k, v in params.items()}, EPOCHS: f"{epochs:g}"}
+    tags = {"optuna_study": spec.cfg.study_name, "optuna_trial": str(trial.number), "rung": str(rung)}
+    return SweepJob(container.run_id, trial.number, swept, tags=tags, sweep_id=spec.parent_run_id)
+
+
+def _end_trial_run(container: MlflowRun | None, status: str, state: str) -> None:
+    if container is not None and container.run_id:
+        container.set_tag("trial_state", state)
+        container.end(status)
 
 
 def _sweep_job(trial: optuna.Trial, spec: SweepSpec, params: dict[str, Any]) -> SweepJob | None:
