@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -187,6 +188,7 @@ def _test_average(parts: RunParts, trainer) -> dict:
             len(chosen),
         )
         return {}
+    started = time.perf_counter()
     model = trainer.accelerator.unwrap_model(trainer.model)
     own = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
     model.load_state_dict(averaging.average_weights(chosen))
@@ -195,6 +197,7 @@ def _test_average(parts: RunParts, trainer) -> dict:
     dev = trainer.evaluate(metric_key_prefix="eval_avg")
     test = trainer.predict(features["test"], metric_key_prefix="test_avg")
     result = {k: v for k, v in {**dev, **test.metrics}.items() if k.endswith(("_wer", "_cer", "_loss"))}
+    result["average_seconds"] = time.perf_counter() - started  # loading, averaging and both evaluations
     if parts.rank == 0:
         trainer.save_model(str(output_dir / "average" / "model"))
         processor.save_pretrained(str(output_dir / "average" / "model"))

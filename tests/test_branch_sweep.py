@@ -76,6 +76,8 @@ def test_a_pruned_trial_trains_no_further_rung_and_mlflow_nests_rungs_under_tria
     steps = [int(p.name.split("-")[1]) for p in pruned.checkpoints.glob("checkpoint-*")]
     assert max(steps) <= fork_of_1  # ... and its trunk never went past the first fork
     assert by_number[0].user_attrs["rung_0"]["epochs"] == 1 and by_number[0].user_attrs["rung_1"]["epochs"] == 2
+    trained = complete.done(2)["train_steps"] + complete.done(1)["branch_steps"]  # trunk to fork 2 + both cooldowns
+    assert by_number[0].user_attrs["optimizer_steps"] == trained
 
     client = MlflowClient(tracking_uri())
     parent = client.get_run(spec.parent_run_id)

@@ -131,6 +131,7 @@ def test_checkpoint_averaging_tests_the_average_beside_the_runs_model(tmp_path):
     cfg = compose_cfg(*SMALL_CORPUS, "debug=fast", "tracking.experiment=test-averaging", *overrides)
     metrics = pipeline.run(cfg, tmp_path, overrides=overrides)
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["average_seconds"] > 0
     for key in ("test_avg_wer", "test_avg_cer", "eval_avg_wer"):
         assert 0 <= on_disk[key] <= 1.5 and metrics[key] == on_disk[key]
     newest = [tmp_path / "checkpoints" / f"checkpoint-{step}" for step in (20, 30)]

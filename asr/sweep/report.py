@@ -30,7 +30,10 @@ INCLUDED_GROUPS = ("experiment", "debug")
 
 
 def trial_steps(trial: FrozenTrial) -> int:
-    """Optimizer steps a trial trained: its final step, or the last evaluation before it stopped."""
+    """Optimizer steps a trial trained: its final step, or the last evaluation before it stopped; with
+    sweep.fidelity=branches, its trunk's steps plus its branches'."""
+    if "optimizer_steps" in trial.user_attrs:
+        return int(trial.user_attrs["optimizer_steps"])
     metrics = trial.user_attrs.get("metrics") or {}
     if "train_steps" in metrics:
         return int(metrics["train_steps"])

@@ -208,6 +208,7 @@ def _train_rungs(trial: optuna.Trial, spec: SweepSpec, params: dict[str, Any], o
     trunk_dir = _trunk_dir(trial, spec, out)
     folder = branches.TrunkFolder(trunk_dir)
     container = _trial_run(trial, spec, params)
+    steps = 0  # optimizer steps this trial trained: its trunk's and its branches'
     try:
         for rung, epochs in enumerate(spec.rungs()):
             overrides = [*spec.trial_overrides(params), f"{EPOCHS}={epochs:g}", f"branch.trunk_dir={trunk_dir}"]
@@ -220,6 +221,8 @@ def _train_rungs(trial: optuna.Trial, spec: SweepSpec, params: dict[str, Any], o
                     role_cfg = compose_train_config([*overrides, f"branch.role={role}"])
                     _save_config(out / f"rung_{rung}_{role}", role_cfg, overrides)
                     metrics = train_fn(role_cfg, out / f"rung_{rung}_{role}", overrides=overrides, sweep_job=job)
+                    steps += int(metrics.get("trunk_steps" if role == "trunk" else "branch_steps", 0))
+                    trial.set_user_attr("optimizer_steps", steps)
             value = _metric(metrics, spec.cfg.metric)
             trial.set_user_attr(f"rung_{rung}", {"epochs": epochs, spec.cfg.metric: value})
             trial.report(value, step=rung)
