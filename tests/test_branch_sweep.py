@@ -131,3 +131,11 @@ def test_settings_that_cannot_share_a_trunk_are_refused_before_any_trial(tmp_pat
     spec = _spec(tmp_path, "linear", STUDY, "trainer.lr_scheduler=linear")
     with pytest.raises(UserError, match="trainer.lr_scheduler=wsd"):
         run_study(spec)
+
+
+@pytest.mark.fast
+def test_the_lr_branches_preset_samples_the_rate_and_trains_every_length_as_a_rung():
+    args = ["sweep=lr_branches"]
+    spec = spec_from_config(compose_cfg(*args, config_name="study"), args)
+    assert spec.fidelity == "branches" and spec.rungs() == [2.0, 4.0, 7.0]
+    assert list(spec.space().distributions) == ["trainer.lr"]
