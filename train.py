@@ -11,7 +11,6 @@ from omegaconf import DictConfig
 import asr  # noqa: F401  (thread policy; registers the ${repo_dir:} resolver used in conf/)
 from asr import cli, threads
 from asr.multirun import sweep_job
-from asr.pipeline import run
 from asr.plan import print_plan
 
 
@@ -22,6 +21,8 @@ def main(cfg: DictConfig) -> float:
     with cli.user_errors():
         if cfg.plan:  # plan=true: this run's config check and GPU-hours, no training (-m grids: asr.plan.PlanCallback)
             raise SystemExit(print_plan([("0", list(hydra_cfg.overrides.task), [])], "Plan of `train.py`"))
+        from asr.pipeline import run  # torch and transformers load here: `--help` and plan=true need neither
+
         metrics = run(
             cfg, hydra_cfg.runtime.output_dir, overrides=hydra_cfg.overrides.task, sweep_job=sweep_job(hydra_cfg)
         )

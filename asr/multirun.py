@@ -23,15 +23,14 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from asr.cli import fail
 from asr.hydra_seam import launcher_kind, override_key, sweep_keys, sweep_overrides, sweeper_kind
-from asr.records import SweepRecord
-from asr.sweep_summary import plot_name, plot_sweep, summary_table
-from asr.sweep_summary import swept_keys as table_swept_keys
-from asr.tracking import SweepJob, TrackingUnavailableError, close_parent_run, connect, create_parent_run
+from asr.records import SweepJob, SweepRecord
+
+# MLflow, pandas and the tracking module load only in a sweep's driver: every train.py process instantiates
+# this callback, and a single run or a job (or `--help`, `plan=true`) need none of them here.
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +66,8 @@ class MlflowMultirunCallback(Callback):
         overrides = sweep_overrides(config)
         if not _first_job_composes(config, overrides):
             return
+        from asr.tracking import TrackingUnavailableError, connect, create_parent_run
+
         try:
             client, experiment_id = connect(config.tracking)
         except TrackingUnavailableError as err:
@@ -101,6 +102,12 @@ class MlflowMultirunCallback(Callback):
         if not self.parent_run_id:
             return
         run_id, self.parent_run_id = self.parent_run_id, None
+        from mlflow.tracking import MlflowClient
+
+        from asr.sweep_summary import summary_table
+        from asr.sweep_summary import swept_keys as table_swept_keys
+        from asr.tracking import close_parent_run
+
         client = MlflowClient(self.tracking_uri)
         table = summary_table(client, client.get_run(run_id))
         status = (
@@ -121,8 +128,10 @@ class MlflowMultirunCallback(Callback):
             log.error("Sweep %s: %d of %d jobs did not finish:\n%s", run_id, len(failed), len(table), "\n".join(lines))
         log.info("Sweep %s closed %s; compare with `python -m asr.sweep_summary %s`", run_id, status, run_id)
 
-    def _summary(self, client: MlflowClient, table) -> tuple[list[tuple[Path, None]], dict[str, float], dict[str, str]]:
+    def _summary(self, client, table) -> tuple[list[tuple[Path, None]], dict[str, float], dict[str, str]]:
         """summary.csv and the WER plot in the sweep folder, and the best job's metrics and tags."""
+        from asr.sweep_summary import plot_name, plot_sweep
+
         folder = (
             self.sweep_dir
             if self.sweep_dir and self.sweep_dir.is_dir()

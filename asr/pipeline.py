@@ -25,11 +25,11 @@ from asr.lm.after_training import check_before_training as check_lm_before_train
 from asr.metrics import decode_predictions
 from asr.model import build_model
 from asr.prepare import prepare
-from asr.records import RunRecord
+from asr.records import RunRecord, SweepJob
 from asr.roles import RunParts
 from asr.throughput import device_name
 from asr.torch_setup import configure_torch, ddp_on_cpu
-from asr.tracking import MlflowRun, SweepJob
+from asr.tracking import MlflowRun
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@
   submitit job that wrote it. `asr.evaluate run_dir=...` files its results next to that run; a job
   SLURM requeued (same job id) reopens it.
 - `mlflow_sweep.json` in a `-m` grid's sweep folder (`SweepRecord`): the parent run every job of the
-  grid files itself under, and which keys the grid sweeps.
+  grid files itself under, and which keys the grid sweeps; a job's place in its grid or study is a
+  `SweepJob`.
 
 A shared trunk's own records (`trunk.json`, `done.json`) are kept by `asr.branches.TrunkFolder`; a
 study's `sweep_spec.json` by `asr.sweep.spec.SweepSpec`.
@@ -60,3 +61,14 @@ class SweepRecord:
     def remove(sweep_dir: Path) -> None:
         """A new grid in an old sweep folder: its jobs must never file themselves under the old parent."""
         (Path(sweep_dir) / SWEEP_RECORD).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """A run's place in a grid or study (asr.multirun for `-m`, asr.sweep for trials): makes it a child run."""
+
+    parent_run_id: str
+    job_num: int
+    swept: dict[str, str]  # swept key → this job's value, e.g. {"trainer.epochs": "8"}
+    tags: dict[str, str] = field(default_factory=dict)  # e.g. optuna_study / optuna_trial
+    sweep_id: str | None = None  # the grid's or study's parent when the parent here is a trial's run (nested)

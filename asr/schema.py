@@ -18,16 +18,16 @@ from omegaconf import MISSING
 
 @dataclass
 class TrainerConf:
-    epochs: float = MISSING
+    epochs: int | float = MISSING
     max_steps: int | None = MISSING
-    lr: float = MISSING
+    lr: int | float = MISSING
     lr_scheduler: str = MISSING
-    cooldown_fraction: float = MISSING
+    cooldown_fraction: int | float = MISSING
     cooldown_shape: str = MISSING
-    warmup_ratio: float = MISSING
+    warmup_ratio: int | float = MISSING
     warmup_steps: int | None = MISSING
-    weight_decay: float = MISSING
-    max_grad_norm: float = MISSING
+    weight_decay: int | float = MISSING
+    max_grad_norm: int | float = MISSING
     batch_size: int = MISSING
     eval_batch_size: int = MISSING
     grad_accum: int = MISSING
@@ -41,20 +41,20 @@ class TrainerConf:
     average_checkpoints_by: str = MISSING
     logging_steps: int = MISSING
     dataloader_num_workers: int = MISSING
-    batch_seconds: float | None = MISSING
-    pad_to_multiple_of: float | None = MISSING
-    bucket_edges_seconds: list[float] | None = MISSING
+    batch_seconds: int | float | None = MISSING
+    pad_to_multiple_of: int | None = MISSING  # frames
+    bucket_edges_seconds: list[int | float] | None = MISSING
     optim: str = MISSING
     attn_implementation: str | None = MISSING
     tf32: bool = MISSING
     cudnn_benchmark: Any = MISSING  # true | false | auto
     cuda_alloc_conf: str | None = MISSING
     pin_memory: bool = MISSING
-    peak_tflops: float | None = MISSING
+    peak_tflops: int | float | None = MISSING
     seed: int = MISSING
     extra: dict[str, Any] = field(default_factory=dict)  # any other TrainingArguments field
     cpu_threads: str = MISSING
-    cpu_threads_check_s: float = MISSING
+    cpu_threads_check_s: int | float = MISSING
 
 
 @dataclass
@@ -62,7 +62,7 @@ class BranchConf:
     role: str | None = MISSING
     trunk_dir: str | None = MISSING
     keep_forks: bool = MISSING
-    lease_s: float = MISSING
+    lease_s: int | float = MISSING
 
 
 @dataclass
@@ -77,8 +77,8 @@ class TrackingConf:
 class LMTuneConf:
     split: str = MISSING
     trials: int = MISSING
-    alpha_range: list[float] = MISSING
-    beta_range: list[float] = MISSING
+    alpha_range: list[int | float] = MISSING
+    beta_range: list[int | float] = MISSING
     seed: int = MISSING
 
 
@@ -95,10 +95,10 @@ class LMConf:
     test_overlap: str = MISSING
     log_files: bool = MISSING
     beam_width: int = MISSING
-    beam_prune_logp: float = MISSING
-    token_min_logp: float = MISSING
-    alpha: float | None = MISSING
-    beta: float | None = MISSING
+    beam_prune_logp: int | float = MISSING
+    token_min_logp: int | float = MISSING
+    alpha: int | float | None = MISSING
+    beta: int | float | None = MISSING
     tune: LMTuneConf = field(default_factory=LMTuneConf)
     after_training: bool = MISSING
 
@@ -115,7 +115,7 @@ class PrunerConf:
     name: str = MISSING
     warmup_evals: int = MISSING
     n_startup_trials: int = MISSING
-    percentile: float = MISSING
+    percentile: int | float = MISSING
     reduction_factor: int = MISSING
 
 
@@ -128,7 +128,7 @@ class SweepConf:
     metric: str = MISSING
     direction: str = MISSING
     n_trials: int | None = MISSING
-    timeout: float | None = MISSING
+    timeout: int | float | None = MISSING
     workers: int = MISSING
     sampler: SamplerConf = field(default_factory=SamplerConf)
     pruner: PrunerConf = field(default_factory=PrunerConf)

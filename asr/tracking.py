@@ -12,7 +12,6 @@ import logging
 import os
 import subprocess
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus
@@ -24,6 +23,7 @@ from transformers import TrainerCallback
 
 from asr.errors import UserError
 from asr.paths import REPO_DIR
+from asr.records import SweepJob
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +105,6 @@ def connect(tracking_cfg: DictConfig) -> tuple[MlflowClient, str]:
         )
     except MlflowException:  # a parallel job created it first
         return client, client.get_experiment_by_name(tracking_cfg.experiment).experiment_id
-
-
-@dataclass(frozen=True)
-class SweepJob:
-    """A run's place in a grid or study (asr.multirun for `-m`, asr.sweep for trials): makes it a child run."""
-
-    parent_run_id: str
-    job_num: int
-    swept: dict[str, str]  # swept key → this job's value, e.g. {"trainer.epochs": "8"}
-    tags: dict[str, str] = field(default_factory=dict)  # e.g. optuna_study / optuna_trial
-    sweep_id: str | None = None  # the grid's or study's parent when the parent here is a trial's run (nested)
 
 
 def create_parent_run(

@@ -21,12 +21,12 @@ from optuna.trial import FrozenTrial, TrialState
 from asr import branches, requeue
 from asr.errors import RunPruned
 from asr.paths import REPO_DIR
-from asr.records import RunRecord
+from asr.records import RunRecord, SweepJob
 from asr.sweep.pruning import OptunaPruningCallback
 from asr.sweep.space import format_value, to_overrides
 from asr.sweep.spec import EPOCHS, SweepSpec
 from asr.sweep.storage import system_attrs
-from asr.tracking import MlflowRun, SweepJob, tracking_uri
+from asr.tracking import MlflowRun, tracking_uri
 
 log = logging.getLogger(__name__)
 
