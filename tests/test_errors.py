@@ -40,7 +40,7 @@ OUT = "hydra.run.dir={out}"
     [
         ([str(REPO_DIR / "train.py"), "trainer.epoch=3", OUT], 2, "Could not override 'trainer.epoch'"),
         # typed schemas (asr/schema.py): a wrong type is refused when the config is composed
-        ([str(REPO_DIR / "train.py"), "trainer.lr=fast", OUT], 2, "'fast' of type 'str' could not be converted"),
+        ([str(REPO_DIR / "train.py"), "trainer.lr=fast", OUT], 2, "Value 'fast' of type 'str' is incompatible"),
         ([str(REPO_DIR / "sweep.py"), "sweep.workers=two", "sweep.dir={out}"], 2, "could not be converted to Integer"),
         ([str(REPO_DIR / "sweep.py"), "trainer.lr=1e-3", "sweep.dir={out}"], 1, "trainer.lr is searched by the study"),
         (["-m", "asr.evaluate", OUT], 1, "nothing to evaluate. Fix: run_dir="),
