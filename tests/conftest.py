@@ -78,7 +78,15 @@ def learned(tmp_path_factory):
 # with --durations on 2 cores: the README commands and the SLURM cluster take a third of the suite each), so
 # the two processes end together.
 SHARED_GROUPS = {name: "learned" for name in ("test_training", "test_evaluate", "test_lm", "test_throughput")}
-LONGEST_FIRST = ["test_readme", "test_cluster", "test_sweep", "test_branches", "learned", "test_requeue", "test_branch_sweep"]
+LONGEST_FIRST = [
+    "test_readme",
+    "test_cluster",
+    "test_sweep",
+    "test_branches",
+    "learned",
+    "test_requeue",
+    "test_branch_sweep",
+]
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
