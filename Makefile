@@ -57,14 +57,14 @@ sweep: setup  ## Optuna study: TPE + median pruning on eval WER, 2 workers (ARGS
 	$(BIN)/python sweep.py $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(if $(STORAGE),sweep.storage=$(STORAGE)) $(ARGS)
 
 test: setup  ## run the test suite in TEST_JOBS processes (tests marked slow excluded)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow and not serial" -n $(TEST_JOBS) --dist loadgroup --no-loadscope-reorder $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow and not serial" -n $(TEST_JOBS) --no-loadscope-reorder $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "serial and not slow" $(ARGS)
 
 test-fast: setup  ## the quick tier: config composition, search spaces, plan arithmetic, bootstrap, batching (~1 min)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "fast" $(ARGS)
 
 test-all: setup  ## run every test, slow ones included
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not serial" -n $(TEST_JOBS) --dist loadgroup --no-loadscope-reorder $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not serial" -n $(TEST_JOBS) --no-loadscope-reorder $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "serial" $(ARGS)
 
 lint: setup  ## check formatting and lint rules (ruff; settings in pyproject.toml)

@@ -7,8 +7,9 @@ settings: so an epoch grid needs one **trunk** trained at the constant rate, and
 short **branch** that starts from the trunk's checkpoint at E's fork step and only cools down
 (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations").
 
-`hydra/sweeper=branches` (hydra_plugins/asr_branches_sweeper) plans the jobs; this module is
-what each job does, selected by `branch.role`:
+`hydra/sweeper=branches` (hydra_plugins/asr_branches_sweeper) plans the jobs (and `sweep.fidelity=branches`
+a study's trials: asr/sweep/trial.py); asr/roles.py is what each job does, selected by `branch.role`,
+and this module keeps the trunk's folder, its records and its lease:
 
 - `trunk`: resume the trunk from its latest checkpoint and train it at the constant rate up to the
   fork step of `trainer.epochs`, then keep that checkpoint as the fork (`forks/step-<N>`).

@@ -43,7 +43,7 @@ class TrainerConf:
     dataloader_num_workers: int = MISSING
     batch_seconds: int | float | None = MISSING
     pad_to_multiple_of: int | None = MISSING  # frames
-    bucket_edges_seconds: list[int | float] | None = MISSING
+    bucket_edges_seconds: list[float] | None = MISSING
     optim: str = MISSING
     attn_implementation: str | None = MISSING
     tf32: bool = MISSING
@@ -77,8 +77,8 @@ class TrackingConf:
 class LMTuneConf:
     split: str = MISSING
     trials: int = MISSING
-    alpha_range: list[int | float] = MISSING
-    beta_range: list[int | float] = MISSING
+    alpha_range: list[float] = MISSING
+    beta_range: list[float] = MISSING
     seed: int = MISSING
 
 

@@ -7,7 +7,7 @@ SLURM): wave k trains the trunk up to the fork of the k-th shortest length and, 
 branch of the (k-1)-th, whose fork exists by then; the last wave is the longest branch. With the
 basic launcher that is one job after the other; with a parallel launcher each branch runs as its
 own job while the trunk goes on. Every other swept key (trainer.lr=1e-3,3e-3) gets its own trunk.
-Each job is an ordinary `train.py` job with `branch.role` and `branch.trunk_dir` set (asr/branches.py
+Each job is an ordinary `train.py` job with `branch.role` and `branch.trunk_dir` set (asr/roles.py
 does the rest), so the MLflow parent run, summary.csv and the WER plot work as for any grid. At
 the end the parent run gets the compute used and what independent runs would have used.
 """
