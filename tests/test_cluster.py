@@ -244,8 +244,9 @@ def test_scancel_worker_mid_trial_then_rerun(cluster, tmp_path):
     driver = subprocess.Popen(cmd, cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
-        while not list(sweep_dir.glob("trial_*/checkpoints/checkpoint-*/trainer_state.json")):
-            assert time.monotonic() < deadline and driver.poll() is None, "no trial reached its first checkpoint"
+        # both workers' trials have a complete checkpoint, so the cancelled worker's trial has one to resume from
+        while len({p.parents[2] for p in sweep_dir.glob("trial_*/checkpoints/checkpoint-*/trainer_state.json")}) < 2:
+            assert time.monotonic() < deadline and driver.poll() is None, "the trials never reached a checkpoint"
             time.sleep(0.5)
         worker0 = array_tasks(sweep_dir / "submitit")[0].name
         subprocess.run(["scancel", worker0], check=True, env=env)
