@@ -40,7 +40,7 @@ LR_LOW, LR_HIGH = 3e-4, 1e-2
 
 def study_body(kind: str, seed: int) -> str:
     pruner = (
-        "  name: successive_halving\n  warmup_evals: 1\n  reduction_factor: 3\n"
+        "  name: successive_halving\n  warmup_evals: 0\n  reduction_factor: 3\n"
         if kind == "branches"
         else "  name: median\n  warmup_evals: 2\n  n_startup_trials: 2\n"
     )

@@ -225,7 +225,7 @@ def _train_rungs(trial: optuna.Trial, spec: SweepSpec, params: dict[str, Any], o
                     trial.set_user_attr("optimizer_steps", steps)
             value = _metric(metrics, spec.cfg.metric)
             trial.set_user_attr(f"rung_{rung}", {"epochs": epochs, spec.cfg.metric: value})
-            trial.report(value, step=rung)
+            trial.report(value, step=rung + 1)  # step 1 = the first rung: pruners start counting at 1
             if trial.should_prune():
                 _end_trial_run(container, "FINISHED", "PRUNED")
                 raise optuna.TrialPruned(f"rung {rung} ({epochs:g} epochs): {spec.cfg.metric} {value:.4f}")
