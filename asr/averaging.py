@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 from safetensors.torch import load_file
 
+from asr.branches import checkpoint_step
 from asr.errors import ConfigError
 from asr.requeue import is_complete
 
@@ -38,20 +39,19 @@ def check_settings(trainer: DictConfig) -> None:
         )
 
 
-def step_of(folder: Path) -> int:
-    return int(folder.name.rsplit("-", 1)[-1])
-
-
 def choose(folder: Path, n: int, by: str, log_history: list[dict]) -> list[Path]:
     """The checkpoints to average, oldest first: the newest n complete ones, or the n with the lowest dev WER."""
     saved = sorted(
         (c for c in Path(folder).glob("checkpoint-*") if c.name.rsplit("-", 1)[-1].isdigit() and is_complete(c)),
-        key=step_of,
+        key=checkpoint_step,
     )
     if by == "best":
         wer = {entry["step"]: entry["eval_wer"] for entry in log_history if "eval_wer" in entry}
-        ranked = sorted((c for c in saved if step_of(c) in wer), key=lambda c: (wer[step_of(c)], -step_of(c)))
-        return sorted(ranked[:n], key=step_of)
+        ranked = sorted(
+            (c for c in saved if checkpoint_step(c) in wer),
+            key=lambda c: (wer[checkpoint_step(c)], -checkpoint_step(c)),
+        )
+        return sorted(ranked[:n], key=checkpoint_step)
     return saved[-n:]
 
 

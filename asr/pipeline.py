@@ -17,6 +17,7 @@ from transformers import TrainerCallback, set_seed
 
 from asr import averaging, requeue, roles, threads
 from asr.audit import run_audit
+from asr.branches import checkpoint_step
 from asr.data import fingerprint
 from asr.data.text import NORMALIZATION_VERSION
 from asr.errors import RunPruned, UserError
@@ -149,12 +150,11 @@ def _test_and_record(parts: RunParts, role: roles.Plain, trainer, metrics: dict)
     ids, speakers = features["test"]["id"], features["test"]["speaker"]
     write_predictions(output_dir / "predictions_test.jsonl", ids, speakers, references, hypotheses)
     step = trainer.state.global_step
-    _save_results(
-        output_dir, metrics, parts.tracker, step, ("metrics.json", "predictions_test.jsonl", "model/vocab.json")
-    )
+    files = ["metrics.json", "predictions_test.jsonl", "model/vocab.json"]
     if averaged:
         metrics.update(averaged)
-        _save_results(output_dir, metrics, parts.tracker, step, ("average/predictions_test.jsonl",), logged=averaged)
+        files.append("average/predictions_test.jsonl")
+    _save_results(output_dir, metrics, parts.tracker, step, files)
     if cfg.lm.after_training:  # greedy and n-gram LM test WER side by side (asr/lm/after_training.py)
         metrics.update(_lm_step(parts, trainer, step, metrics))
     role.finished(parts, metrics)
@@ -192,7 +192,7 @@ def _test_average(parts: RunParts, trainer) -> dict:
     model = trainer.accelerator.unwrap_model(trainer.model)
     own = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
     model.load_state_dict(averaging.average_weights(chosen))
-    steps = " ".join(str(averaging.step_of(c)) for c in chosen)
+    steps = " ".join(str(checkpoint_step(c)) for c in chosen)
     log.info("Testing the average of %d checkpoints (steps %s)", len(chosen), steps)
     dev = trainer.evaluate(metric_key_prefix="eval_avg")
     test = trainer.predict(features["test"], metric_key_prefix="test_avg")
