@@ -132,6 +132,7 @@ def _prepare(parts: RunParts, role: roles.Plain) -> None:
     if role.tests:  # what its test step needs is checked before training, not after hours of it
         check_lm_before_training(cfg, parts.features)
         averaging.check_settings(cfg.trainer)
+        parts.callbacks.extend(averaging.callbacks(cfg.trainer))
 
 
 def _test_and_record(parts: RunParts, role: roles.Plain, trainer, metrics: dict) -> dict:
@@ -180,6 +181,7 @@ def _test_average(parts: RunParts, trainer) -> dict:
         settings.average_checkpoints,
         settings.average_checkpoints_by,
         trainer.state.log_history,
+        decay_from=averaging.decay_start(trainer.state.max_steps, settings.cooldown_fraction),
     )
     if len(chosen) < settings.average_checkpoints:
         log.warning(

@@ -9,7 +9,7 @@ import torch
 from conftest import compose_cfg
 from safetensors.torch import save_file
 
-from asr.averaging import average_weights, check_settings, choose
+from asr.averaging import CooldownSaves, average_weights, check_settings, choose, cooldown_steps
 from asr.errors import ConfigError
 
 pytestmark = pytest.mark.fast  # the quick tier: `make test-fast`
@@ -52,6 +52,29 @@ def test_last_takes_the_newest_complete_checkpoints_and_best_the_lowest_dev_wer(
     history = [{"step": 100, "eval_wer": 0.3}, {"step": 200, "eval_wer": 0.5}, {"step": 300, "eval_wer": 0.4}]
     assert [p.name for p in choose(tmp_path, 2, "last", history)] == ["checkpoint-200", "checkpoint-300"]
     assert [p.name for p in choose(tmp_path, 2, "best", history)] == ["checkpoint-100", "checkpoint-300"]
+    # by=cooldown: only checkpoints after the decay's start, however few
+    assert [p.name for p in choose(tmp_path, 2, "cooldown", history, decay_from=200)] == ["checkpoint-300"]
+    assert [p.name for p in choose(tmp_path, 3, "cooldown", history, decay_from=100)] == [
+        "checkpoint-200",
+        "checkpoint-300",
+    ]
+
+
+def test_cooldown_saves_come_evenly_through_the_decay_and_the_last_at_the_final_step():
+    """A WSD run of 100 steps with cooldown_fraction 0.2 decays over steps 81..100."""
+    from transformers import TrainerControl, TrainerState
+
+    assert cooldown_steps(100, 3, 0.2) == [87, 93, 100]
+    assert cooldown_steps(100, 1, 0.2) == [100]
+    assert cooldown_steps(10, 4, 0.2) == [9, 10]  # a 2-step decay holds 2 checkpoints, not 4
+    saves, state, control = CooldownSaves(3, 0.2), TrainerState(max_steps=100), TrainerControl()
+    saves.on_train_begin(None, state, control)
+    asked = []
+    for step in range(1, 101):
+        state.global_step, control.should_save = step, False
+        saves.on_step_end(None, state, control)
+        asked += [step] if control.should_save else []
+    assert asked == [87, 93, 100]
 
 
 @pytest.mark.parametrize(
@@ -59,7 +82,11 @@ def test_last_takes_the_newest_complete_checkpoints_and_best_the_lowest_dev_wer(
     [
         (["trainer.average_checkpoints=3"], "trainer.save_total_limit=3 (or null)"),
         (["trainer.average_checkpoints=1"], "needs 2 or more checkpoints"),
-        (["trainer.average_checkpoints=2", "trainer.average_checkpoints_by=worst"], "one of last, best"),
+        (["trainer.average_checkpoints=2", "trainer.average_checkpoints_by=worst"], "one of last, best, cooldown"),
+        (
+            ["trainer.average_checkpoints=2", "trainer.average_checkpoints_by=cooldown", "trainer.lr_scheduler=cosine"],
+            "Fix: trainer.lr_scheduler=wsd",
+        ),
     ],
 )
 def test_settings_that_cannot_average_are_refused_before_training(overrides, says):

@@ -120,21 +120,28 @@ def test_reported_best_is_the_restored_model_when_saves_are_sparser_than_evaluat
 
 
 def test_checkpoint_averaging_tests_the_average_beside_the_runs_model(tmp_path):
-    """trainer.average_checkpoints=2: the two newest checkpoints' weights are averaged, evaluated and tested
-    beside the run's own model (which stays what model/ and test_wer are), saved in average/, which
-    `asr.evaluate compare` pairs with the run."""
+    """trainer.average_checkpoints=2 average_checkpoints_by=cooldown: two checkpoints are saved evenly
+    through the WSD decay (steps 25..30 of this 30-step run), off the every-10-steps saves; their weights
+    are averaged, evaluated and tested beside the run's own model (which stays what model/ and test_wer
+    are), saved in average/, which `asr.evaluate compare` pairs with the run."""
     from safetensors.torch import load_file
 
     from asr.averaging import average_weights
 
-    overrides = ["trainer.average_checkpoints=2", "trainer.save_total_limit=null"]
+    overrides = [
+        "trainer.average_checkpoints=2",
+        "trainer.average_checkpoints_by=cooldown",
+        "trainer.save_total_limit=null",
+    ]
     cfg = compose_cfg(*SMALL_CORPUS, "debug=fast", "tracking.experiment=test-averaging", *overrides)
     metrics = pipeline.run(cfg, tmp_path, overrides=overrides)
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk["average_seconds"] > 0
     for key in ("test_avg_wer", "test_avg_cer", "eval_avg_wer"):
         assert 0 <= on_disk[key] <= 1.5 and metrics[key] == on_disk[key]
-    newest = [tmp_path / "checkpoints" / f"checkpoint-{step}" for step in (20, 30)]
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").glob("checkpoint-*"))
+    assert saved == [10, 20, 27, 30]  # every eval_steps, and the decay's two
+    newest = [tmp_path / "checkpoints" / f"checkpoint-{step}" for step in (27, 30)]
     averaged = load_file(str(tmp_path / "average" / "model" / "model.safetensors"))
     expected = average_weights(newest)
     assert averaged.keys() == expected.keys()
@@ -146,5 +153,5 @@ def test_checkpoint_averaging_tests_the_average_beside_the_runs_model(tmp_path):
     compare_cfg = compose_cfg(f"compare=[{tmp_path},{tmp_path / 'average'}]", config_name="evaluate")
     assert compare(compare_cfg, tmp_path / "compare")["utterances"] == 16
     client, run = _training_run(tmp_path)
-    assert run.data.tags["averaged_checkpoints"] == "20 30"
+    assert run.data.tags["averaged_checkpoints"] == "27 30"
     assert run.data.metrics["test_avg_wer"] == pytest.approx(on_disk["test_avg_wer"])
