@@ -8,10 +8,12 @@ The reference is the full grid (every learning rate of --grid-lrs at every lengt
 trained here as shared-trunk branches, which are the same runs: docs/branches.md). Printed, from this one
 run and per sampler seed: each study's optimizer steps and minutes, the steps until a finished model first
 reached the grid's best dev WER (as a share of the grid's compute), and the two winners' test WER with a
-paired bootstrap. With --averaging, also a default-length run tested with and without checkpoint averaging.
+paired bootstrap. With --averaging, also runs at the longest length tested with and without the average
+of 3 of their checkpoints (the newest, the best on dev, or those saved through the WSD decay).
 
-    .venv/bin/python benchmarks/branch_sweep.py --averaging          # 8 + 8 trials, seeds 0 1 (~1.5 h, 2 cores)
-    .venv/bin/python benchmarks/branch_sweep.py --seeds 0 --trials 6  # a quicker look
+    .venv/bin/python benchmarks/branch_sweep.py --averaging  # 8-lr grid, 8 + 8 trials x seeds 0 1 2 (~40 min)
+    .venv/bin/python benchmarks/branch_sweep.py --seeds 0 --trials 6               # a quicker look
+    .venv/bin/python benchmarks/branch_sweep.py --no-studies --averaging cooldown  # one averaging run
 """
 
 from __future__ import annotations
@@ -127,17 +129,18 @@ def grid_reference(args, root: Path) -> tuple[float, int]:
     return best, int(summary["independent_steps"])
 
 
-def averaging(args, root: Path) -> dict:
-    """A run at the longest length tested with and without the average of its last 3 checkpoints."""
+def averaging(args, root: Path, by: str) -> dict:
+    """A run at the longest length tested with and without the average of 3 of its checkpoints, chosen `by`."""
     import subprocess
     import sys
 
-    folder = args.out / f"averaging-{args.stamp}"
+    folder = args.out / f"averaging-{by}-{args.stamp}"
     command = [
         sys.executable,
         str(REPO_DIR / "train.py"),
         f"trainer.epochs={LENGTHS[-1]}",
         "trainer.average_checkpoints=3",
+        f"trainer.average_checkpoints_by={by}",
         "trainer.save_total_limit=null",
         f"trainer.eval_steps={args.eval_steps}",
         f"dataset.sizes.train={args.train_utterances}",
@@ -150,16 +153,49 @@ def averaging(args, root: Path) -> dict:
     return {
         "test_wer": metrics["test_wer"],
         "test_avg_wer": metrics["test_avg_wer"],
+        "eval_wer": metrics["eval_wer"],
+        "eval_avg_wer": metrics["eval_avg_wer"],
         "extra_time": metrics["average_seconds"] / metrics["train_runtime"],
         "verdict": compared["wer"]["verdict"],
     }
 
 
+def studies(args, root: Path, results: dict) -> None:
+    """The full grid, then per seed today's study and the trunk-sharing one, printed as they finish."""
+    target, grid_steps = grid_reference(args, root)
+    results["grid"] = {"best_eval_wer": target, "independent_steps": grid_steps}
+    print(f"\nfull grid: best dev WER {target:.4f}, {grid_steps} optimizer steps as independent runs")
+    for seed in args.seeds:
+        pair = {kind: run(kind, seed, args, root) for kind in ("independent", "branches")}
+        near = f"to +{args.tolerance:g}"
+        print(
+            f"\nseed {seed}: {'study':<18}{'steps':>8}{'minutes':>9}{'to grid best':>14}{near:>14}{'best dev WER':>14}"
+        )
+        for kind, result in pair.items():
+            shares = []
+            for key, goal in (("steps_to_grid_best", target), ("steps_to_near_grid_best", target + args.tolerance)):
+                result[key] = reach = steps_to_reach(result["events"], goal)
+                shares.append(f"{reach / grid_steps:.0%}" if reach is not None else "not reached")
+            steps = sum(e[1] for e in result["events"])
+            print(
+                f"{'':8}{kind:<18}{steps:>8}{result['minutes']:>9}{shares[0]:>14}{shares[1]:>14}"
+                f"{result['winner'][2]:>14.4f}"
+            )
+        a, b = pair["independent"]["winner"][3], pair["branches"]["winner"][3]
+        if a is not None and b is not None:
+            compared = paired_comparison(Path(a), Path(b), "test", default_bootstrap())
+            pair["test_comparison"] = compared
+            print(f"{'':8}winners on test (A = independent, B = branches): {compared['wer']['verdict']}")
+        results["seeds"][seed] = pair
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=8, help="trials per study")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampler seeds (one pair of studies each)")
-    parser.add_argument("--grid-lrs", type=int, default=4, help="learning rates of the reference grid (log-spaced)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampler seeds (one pair of studies each)"
+    )
+    parser.add_argument("--grid-lrs", type=int, default=8, help="learning rates of the reference grid (log-spaced)")
     parser.add_argument("--eval-steps", type=int, default=50, help="evaluate (and report to the pruner) every N steps")
     parser.add_argument("--train-utterances", type=int, default=400, help="train split size of the built-in corpus")
     parser.add_argument(
@@ -169,45 +205,29 @@ def main() -> None:
         help="also count steps until a model came within this of the grid's best",
     )
     parser.add_argument("--workers", type=int, default=2, help="worker processes per study")
-    parser.add_argument("--averaging", action="store_true", help="also measure checkpoint averaging on one run")
+    parser.add_argument(
+        "--averaging",
+        nargs="*",
+        choices=("last", "best", "cooldown"),
+        help="also measure checkpoint averaging, one run per choice of checkpoints (none given: all three)",
+    )
+    parser.add_argument("--no-studies", action="store_true", help="skip the grid and the studies")
     parser.add_argument("--out", type=Path, default=REPO_DIR / "outputs" / "benchmarks" / "branch_sweep")
     args = parser.parse_args()
+    if args.averaging == []:
+        args.averaging = ["last", "best", "cooldown"]
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     args.stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        target, grid_steps = grid_reference(args, Path(tmp))
-        results["grid"] = {"best_eval_wer": target, "independent_steps": grid_steps}
-        print(f"\nfull grid: best dev WER {target:.4f}, {grid_steps} optimizer steps as independent runs")
-        for seed in args.seeds:
-            pair = {kind: run(kind, seed, args, Path(tmp)) for kind in ("independent", "branches")}
-            near = f"to +{args.tolerance:g}"
+        if not args.no_studies:
+            studies(args, Path(tmp), results)
+        for by in args.averaging or ():
+            results.setdefault("averaging", {})[by] = averaged = averaging(args, Path(tmp), by)
             print(
-                f"\nseed {seed}: {'study':<18}{'steps':>8}{'minutes':>9}{'to grid best':>14}{near:>14}"
-                f"{'best dev WER':>14}"
-            )
-            for kind, result in pair.items():
-                shares = []
-                for key, goal in (("steps_to_grid_best", target), ("steps_to_near_grid_best", target + args.tolerance)):
-                    result[key] = reach = steps_to_reach(result["events"], goal)
-                    shares.append(f"{reach / grid_steps:.0%}" if reach is not None else "not reached")
-                steps = sum(e[1] for e in result["events"])
-                print(
-                    f"{'':8}{kind:<18}{steps:>8}{result['minutes']:>9}{shares[0]:>14}{shares[1]:>14}"
-                    f"{result['winner'][2]:>14.4f}"
-                )
-            a, b = pair["independent"]["winner"][3], pair["branches"]["winner"][3]
-            if a is not None and b is not None:
-                compared = paired_comparison(Path(a), Path(b), "test", default_bootstrap())
-                pair["test_comparison"] = compared
-                print(f"{'':8}winners on test (A = independent, B = branches): {compared['wer']['verdict']}")
-            results["seeds"][seed] = pair
-        if args.averaging:
-            results["averaging"] = averaged = averaging(args, Path(tmp))
-            print(
-                f"\naveraging the last 3 checkpoints: test WER {averaged['test_wer']:.4f} -> "
-                f"{averaged['test_avg_wer']:.4f} "
+                f"\naveraging 3 checkpoints (by={by}): test WER {averaged['test_wer']:.4f} -> "
+                f"{averaged['test_avg_wer']:.4f}, dev {averaged['eval_wer']:.4f} -> {averaged['eval_avg_wer']:.4f} "
                 f"(A = the run's model, B = the average: {averaged['verdict']}), "
                 f"{averaged['extra_time']:.1%} of the training time"
             )
