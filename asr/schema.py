@@ -117,6 +117,7 @@ class PrunerConf:
     n_startup_trials: int = MISSING
     percentile: int | float = MISSING
     reduction_factor: int = MISSING
+    metric: str | None = MISSING
 
 
 @dataclass

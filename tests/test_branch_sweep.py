@@ -24,13 +24,13 @@ BASE = [*SMALL_CORPUS, "debug=fast", "trainer.max_steps=null"]
 STUDY = """
 n_trials: 2
 workers: 1
-metric: eval_loss
 sampler:
   name: grid
 pruner:
   name: median
   n_startup_trials: 1
   warmup_evals: 0
+  metric: eval_loss
 fidelity: branches
 params:
   trainer:
@@ -69,7 +69,14 @@ def test_a_pruned_trial_trains_no_further_rung_and_mlflow_nests_rungs_under_tria
     assert by_number[0].params == {"trainer.lr": 3e-3} and by_number[1].params == {"trainer.lr": 1e-6}
     complete, pruned = _trunk(spec, 0), _trunk(spec, 1)
     assert complete.done(1) and complete.done(2)
-    assert by_number[0].value == pytest.approx(complete.done(2)["eval_loss"])  # the longest rung's branch
+    assert by_number[0].value == pytest.approx(complete.done(2)["eval_wer"])  # the longest rung's branch
+    # the pruner saw dev loss (pruner.metric), not WER: at rung 0 both models may emit only blanks
+    assert by_number[1].intermediate_values == {1: pytest.approx(pruned.done(1)["eval_loss"])}
+    assert by_number[1].user_attrs["rung_0"] == {
+        "epochs": 1,
+        "eval_wer": pytest.approx(pruned.done(1)["eval_wer"]),
+        "eval_loss": pytest.approx(pruned.done(1)["eval_loss"]),
+    }
     assert pruned.done(1) and not pruned.done(2)  # pruned after rung 0: no branch of 2 epochs ...
     fork_of_1 = complete.done(1)["fork_step"]
     assert not (pruned.path / "branches" / "2").exists()

@@ -48,6 +48,11 @@ class SweepSpec:
         return self.search_space
 
     @property
+    def prune_metric(self) -> str:
+        """What trials report to the pruner: sweep.pruner.metric, or the metric the study optimises."""
+        return self.cfg.pruner.get("metric") or self.cfg.metric
+
+    @property
     def fidelity(self) -> str:
         return self.study.get("fidelity") or "none"
 

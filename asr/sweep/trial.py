@@ -176,7 +176,7 @@ def _train(trial: optuna.Trial, spec: SweepSpec, params: dict[str, Any], out: Pa
     batch and twice the accumulation if it runs out of CUDA memory (sweep.oom_retry)."""
     overrides = spec.trial_overrides(params)
     resume = _resume_checkpoint(trial, spec)
-    callbacks = [OptunaPruningCallback(trial, spec.cfg.metric)]
+    callbacks = [OptunaPruningCallback(trial, spec.prune_metric)]
     train_cfg = compose_train_config(overrides)  # a sampled group option that does not exist fails here
     with open_dict(train_cfg):
         train_cfg.tracking.run_name = f"trial {trial.number}: " + (" ".join(to_overrides(params)) or "defaults")
@@ -223,12 +223,13 @@ def _train_rungs(trial: optuna.Trial, spec: SweepSpec, params: dict[str, Any], o
                     metrics = train_fn(role_cfg, out / f"rung_{rung}_{role}", overrides=overrides, sweep_job=job)
                     steps += int(metrics.get("trunk_steps" if role == "trunk" else "branch_steps", 0))
                     trial.set_user_attr("optimizer_steps", steps)
-            value = _metric(metrics, spec.cfg.metric)
-            trial.set_user_attr(f"rung_{rung}", {"epochs": epochs, spec.cfg.metric: value})
-            trial.report(value, step=rung + 1)  # step 1 = the first rung: pruners start counting at 1
+            reported = {key: _metric(metrics, key) for key in dict.fromkeys((spec.cfg.metric, spec.prune_metric))}
+            trial.set_user_attr(f"rung_{rung}", {"epochs": epochs, **reported})
+            trial.report(reported[spec.prune_metric], step=rung + 1)  # step 1 = the first rung: pruners count from 1
             if trial.should_prune():
                 _end_trial_run(container, "FINISHED", "PRUNED")
-                raise optuna.TrialPruned(f"rung {rung} ({epochs:g} epochs): {spec.cfg.metric} {value:.4f}")
+                value = reported[spec.prune_metric]
+                raise optuna.TrialPruned(f"rung {rung} ({epochs:g} epochs): {spec.prune_metric} {value:.4f}")
     except optuna.TrialPruned:
         raise
     except (KeyboardInterrupt, SystemExit):
