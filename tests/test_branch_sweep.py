@@ -4,6 +4,11 @@ a pruned trial trains no further rung, and a re-queued trial goes on from its tr
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from asr import pipeline
 from asr.branches import TrunkFolder
 from asr.errors import UserError
+from asr.paths import REPO_DIR
 from asr.sweep import run_study
 from asr.sweep.spec import spec_from_config
 from asr.sweep.study import load_study, requeue_interrupted, work
@@ -130,6 +136,63 @@ def test_a_requeued_trial_goes_on_from_its_trunks_fork(tmp_path):
     trunk_metrics = json.loads((spec.dir / "trial_0001" / "rung_1_trunk" / "metrics.json").read_text())
     assert trunk_metrics["trunk_start_step"] == fork_of_1  # from the fork, not from step 0
     assert first.done(2) and Path(resumed[0].user_attrs["resumed_from"]).resolve() == first.path.resolve()
+
+
+def test_kill_9_mid_rung_then_rerun_goes_on_from_the_trunks_last_checkpoint(tmp_path):
+    """`sweep.py` killed (SIGKILL, the whole process group, as a node failure) while a trial's trunk trains on
+    to its second rung's fork: the same command run again fails the dead trial (no heartbeat), re-queues it,
+    takes over the dead process's trunk lease, skips the finished rung, and resumes the trunk from its newest
+    checkpoint past the first fork."""
+    body = (
+        STUDY.replace("n_trials: 2", "n_trials: 1")
+        .replace("lr: choice(3e-3, 1e-6)", "lr: choice(3e-3)")  # one grid point: the retry is the only trial left
+        .replace("epochs: choice(1, 2)", "epochs: choice(1, 6)")
+    )
+    (tmp_path / "conf" / "sweep").mkdir(parents=True)
+    (tmp_path / "conf" / "sweep" / "killed.yaml").write_text("defaults:\n  - /shared/sweep@_here_\n  - _self_\n" + body)
+    args = [
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        "sweep=killed",
+        *BASE,
+        "tracking.experiment=test-branch-sweep-killed",
+        "sweep.study_name=killed",
+        f"sweep.dir={tmp_path / 'study'}",
+        "sweep.export_dir=null",
+        "sweep.heartbeat_interval=1",
+        "sweep.grace_period=2",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "sweep.py", *args],
+        cwd=REPO_DIR,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    trunk = TrunkFolder(tmp_path / "study" / "trial_0000" / "trunk")
+    deadline, past_fork = time.monotonic() + 240, []
+    while not past_fork and proc.poll() is None and time.monotonic() < deadline:
+        fork = (trunk.done(1) or {}).get("fork_step")
+        saved = [int(p.parent.name.split("-")[1]) for p in trunk.checkpoints.glob("checkpoint-*/trainer_state.json")]
+        past_fork = [step for step in saved if fork is not None and step > fork]
+        time.sleep(0.1)
+    assert proc.poll() is None, "the study ended before the trunk saved a checkpoint past its first fork"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not trunk.done(6), "killed too late: the second rung's trunk had finished"
+    assert (trunk.path / "lock.json").exists()  # the dead process's lease, left behind
+    fork_of_1 = trunk.done(1)["fork_step"]
+
+    time.sleep(2.5)  # past the grace period: the trial's heartbeat is stale
+    result = subprocess.run([sys.executable, "sweep.py", *args], cwd=REPO_DIR, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    study = load_study(_spec(tmp_path, "killed", body))
+    assert sorted(t.state.name for t in study.get_trials(deepcopy=False)) == ["COMPLETE", "FAIL"]
+    retry = study.trials[1]
+    assert Path(retry.user_attrs["resumed_from"]).resolve() == trunk.path.resolve()
+    assert not list((tmp_path / "study" / "trial_0001").glob("rung_0_*"))  # the finished rung is not trained again
+    resumed = json.loads((tmp_path / "study" / "trial_0001" / "rung_1_trunk" / "metrics.json").read_text())
+    assert resumed["trunk_start_step"] >= max(past_fork) > fork_of_1  # from its checkpoint, not the fork or step 0
+    assert trunk.done(6) and set(retry.user_attrs) >= {"rung_0", "rung_1"}
 
 
 def test_settings_that_cannot_share_a_trunk_are_refused_before_any_trial(tmp_path):
