@@ -195,6 +195,24 @@ def test_kill_9_mid_rung_then_rerun_goes_on_from_the_trunks_last_checkpoint(tmp_
     assert trunk.done(6) and set(retry.user_attrs) >= {"rung_0", "rung_1"}
 
 
+def test_a_trial_that_trained_its_last_rung_is_complete_however_it_compares(tmp_path):
+    """The pruner is not asked after the last rung: that rung's compute is spent, and pruning would only
+    drop its finished model from the study's results (the training itself is stubbed: only the study's
+    bookkeeping runs)."""
+    spec = _spec(tmp_path, "last", STUDY, "tracking.enabled=false")
+
+    losses = {("trial_0000", 1): 5.0, ("trial_0000", 2): 1.0, ("trial_0001", 1): 4.0, ("trial_0001", 2): 9.0}
+
+    def trained(cfg, output_dir, **kwargs):  # trial 1 is ahead of trial 0 at rung 0, far behind at rung 1
+        loss = losses[(Path(output_dir).parent.name, cfg.trainer.epochs)]
+        return {"eval_wer": loss / 10, "eval_loss": loss, "trunk_steps": 1}
+
+    work(spec, 0, trained)
+    second = load_study(spec).trials[1]
+    assert second.state.name == "COMPLETE" and second.value == pytest.approx(0.9)
+    assert second.intermediate_values == {1: 4.0, 3: 9.0}  # rung k at reduction_factor ** k
+
+
 def test_settings_that_cannot_share_a_trunk_are_refused_before_any_trial(tmp_path):
     with pytest.raises(UserError, match="sweep.params.trainer.epochs='choice"):
         _spec(tmp_path, "no_epochs", STUDY.replace("    epochs: choice(1, 2)\n", ""))

@@ -21,11 +21,13 @@ import pytest
 import torch
 from conftest import SMALL_CORPUS, compose_cfg
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from asr.paths import REPO_DIR
 from asr.sweep import run_study
+from asr.sweep.pruning import build_pruner, rung_step
 from asr.sweep.report import experiment_yaml, leaderboard
 from asr.sweep.space import SearchSpaceError, parse_space, split_sweep_overrides
 from asr.sweep.spec import spec_from_config
@@ -144,6 +146,48 @@ def test_best_yaml_puts_groups_in_defaults_and_values_in_place():
 
 
 # ---- pruning, failures, OOM (trials run in this process) ---------------------------------------
+def _first_judged(pruner, step_of_report, good: list[float], bad: list[float]) -> int | None:
+    """The report (from 0) at which `bad` is pruned, after a finished trial that reported `good`."""
+    study = optuna.create_study(pruner=pruner)
+    first = study.ask()
+    for i, value in enumerate(good):
+        first.report(value, step_of_report(i))
+        first.should_prune()  # successive halving records a trial's rung values when it is asked
+    study.tell(first, good[-1])
+    second = study.ask()
+    for i, value in enumerate(bad):
+        second.report(value, step_of_report(i))
+        if second.should_prune():
+            return i
+    return None
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("name", ["median", "percentile", "successive_halving"])
+def test_warmup_evals_reports_are_never_judged_and_the_next_one_is(name):
+    """pruner.warmup_evals=2 at eval_steps=50: evaluations at steps 50 and 100 are never judged, the one at
+    150 is (it was judged at 100 before: Optuna's pruners judge from n_warmup_steps / min_resource on)."""
+    cfg = OmegaConf.create(
+        {"name": name, "warmup_evals": 2, "n_startup_trials": 1, "percentile": 25.0, "reduction_factor": 3}
+    )
+
+    def every_50(i):
+        return (i + 1) * 50
+
+    assert _first_judged(build_pruner(cfg, every_50), every_50, [0.1] * 5, [0.9] * 5) == 2
+
+
+@pytest.mark.fast
+def test_successive_halving_judges_every_rung_of_a_branches_study():
+    """Rungs reported at reduction_factor ** k: a trial that was good at rung 0 and bad at rung 1 is pruned
+    at rung 1 (at steps 1, 2, 3 Optuna judged rungs 0 and 2 only: rung 1 was never judged)."""
+    cfg = OmegaConf.create({"name": "successive_halving", "warmup_evals": 0, "reduction_factor": 3})
+    assert [rung_step(k, cfg) for k in range(3)] == [1, 3, 9]
+    pruner = build_pruner(cfg, lambda i: rung_step(i, cfg))
+    assert _first_judged(pruner, lambda i: rung_step(i, cfg), [0.5, 0.4, 0.3], [0.45, 0.9, 0.9]) == 1
+    assert _first_judged(pruner, lambda i: i + 1, [0.5, 0.4, 0.3], [0.45, 0.9, 0.9]) == 2  # the old steps
+
+
 def test_pruner_stops_an_absurd_learning_rate_before_its_last_evaluation(tmp_path):
     """Two sane trials set the median; lr=30 blows the loss up and is pruned at its first eligible eval."""
     args = study_args(

@@ -36,26 +36,36 @@ class OptunaPruningCallback(TrainerCallback):
             raise RunPruned(f"{self.metric} {value:.4f} at step {state.global_step}")
 
 
-def build_pruner(cfg: DictConfig, eval_steps: int) -> optuna.pruners.BasePruner:
-    """sweep.pruner → an Optuna pruner; `warmup_evals` evaluations are never pruned.
+def rung_step(rung: int, cfg: DictConfig) -> int:
+    """sweep.fidelity=branches: the step rung `rung` (from 0) is reported at, reduction_factor ** rung.
+
+    Optuna's successive halving (and each Hyperband bracket) judges a trial only at the steps
+    min_resource * reduction_factor ** k; with rungs reported at 1, 2, 3... it judged the first rung,
+    skipped the second and judged the third only once it was trained. The median and percentile
+    pruners compare trials at the same step, whatever its number.
+    """
+    return cfg.reduction_factor**rung
+
+
+def build_pruner(cfg: DictConfig, step_of_report) -> optuna.pruners.BasePruner:
+    """sweep.pruner → an Optuna pruner; the first `warmup_evals` reports are never judged.
 
     CTC models emit only blanks for their first few hundred steps (WER 1.0 for everyone), so
-    comparing trials there would prune at random: the warm-up is counted in evaluations and
-    converted to the global steps the pruning callback reports.
+    comparing trials there would prune at random. `step_of_report(i)`: the step of a trial's i-th
+    report (from 0): (i + 1) * eval_steps for evaluations, `rung_step(i)` for rungs. The first
+    report judged is the warmup_evals-th, at step_of_report(warmup_evals).
     """
-    warmup_steps = cfg.warmup_evals * eval_steps
+    first_judged = step_of_report(cfg.warmup_evals)
     if cfg.name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=warmup_steps)
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=first_judged)
     if cfg.name == "percentile":
         return optuna.pruners.PercentilePruner(
-            cfg.percentile, n_startup_trials=cfg.n_startup_trials, n_warmup_steps=warmup_steps
+            cfg.percentile, n_startup_trials=cfg.n_startup_trials, n_warmup_steps=first_judged
         )
     if cfg.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, warmup_steps), reduction_factor=cfg.reduction_factor)
+        return optuna.pruners.HyperbandPruner(min_resource=first_judged, reduction_factor=cfg.reduction_factor)
     if cfg.name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=max(1, warmup_steps), reduction_factor=cfg.reduction_factor
-        )
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_judged, reduction_factor=cfg.reduction_factor)
     if cfg.name in ("none", None):
         return optuna.pruners.NopPruner()
     raise ValueError(

@@ -22,7 +22,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
 from asr import requeue
-from asr.sweep.pruning import build_pruner
+from asr.sweep.pruning import build_pruner, rung_step
 from asr.sweep.space import SearchSpace
 from asr.sweep.spec import SweepSpec
 from asr.sweep.storage import mark_failed, open_storage, stored_trial
@@ -65,8 +65,7 @@ def load_study(spec: SweepSpec, worker: int = 0) -> optuna.Study:
         study_name=cfg.study_name,
         storage=open_storage(spec.study),
         sampler=build_sampler(cfg.sampler, worker),
-        # a trial reports at every evaluation, or (sweep.fidelity=branches) once per rung
-        pruner=build_pruner(cfg.pruner, 1 if spec.fidelity == "branches" else spec.eval_steps),
+        pruner=build_pruner(cfg.pruner, _report_steps(spec)),
         direction=cfg.direction,
         load_if_exists=True,
     )
@@ -117,6 +116,13 @@ def requeue_interrupted(study: optuna.Study, max_retry: int | None, job: str | N
 
 
 # ---- a worker ---------------------------------------------------------------------------------
+def _report_steps(spec: SweepSpec):
+    """The step of a trial's i-th report to the pruner: its evaluations, or (sweep.fidelity=branches) its rungs."""
+    if spec.fidelity == "branches":
+        return lambda i: rung_step(i, spec.cfg.pruner)
+    return lambda i: (i + 1) * spec.eval_steps
+
+
 def work(spec: SweepSpec, worker: int = 0, train_fn=None) -> int:
     """Run trials until the study holds n_trials results (or sweep.timeout passes). Returns trials run here."""
     study = load_study(spec, worker)

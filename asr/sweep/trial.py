@@ -22,7 +22,7 @@ from asr import branches, requeue
 from asr.errors import RunPruned
 from asr.paths import REPO_DIR
 from asr.records import RunRecord, SweepJob
-from asr.sweep.pruning import OptunaPruningCallback
+from asr.sweep.pruning import OptunaPruningCallback, rung_step
 from asr.sweep.space import format_value, to_overrides
 from asr.sweep.spec import EPOCHS, SweepSpec
 from asr.sweep.storage import system_attrs
@@ -225,8 +225,8 @@ def _train_rungs(trial: optuna.Trial, spec: SweepSpec, params: dict[str, Any], o
                     trial.set_user_attr("optimizer_steps", steps)
             reported = {key: _metric(metrics, key) for key in dict.fromkeys((spec.cfg.metric, spec.prune_metric))}
             trial.set_user_attr(f"rung_{rung}", {"epochs": epochs, **reported})
-            trial.report(reported[spec.prune_metric], step=rung + 1)  # step 1 = the first rung: pruners count from 1
-            if trial.should_prune():
+            trial.report(reported[spec.prune_metric], step=rung_step(rung, spec.cfg.pruner))
+            if rung < len(spec.rungs()) - 1 and trial.should_prune():  # the last rung is trained: nothing to save
                 _end_trial_run(container, "FINISHED", "PRUNED")
                 value = reported[spec.prune_metric]
                 raise optuna.TrialPruned(f"rung {rung} ({epochs:g} epochs): {spec.prune_metric} {value:.4f}")
