@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 log = logging.getLogger(__name__)
 
-CHECKED_OPTUNA = ("5.0",)  # optuna releases (major.minor) the private calls below were read and tested against
+CHECKED_OPTUNA = ("5.0", "5.1")  # optuna releases (major.minor) the private calls below were read and tested against
 
 
 def storage_url(study_cfg: DictConfig | dict) -> str:
