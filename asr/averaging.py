@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from asr.branches import checkpoint_step, decay_steps
+from asr.branches import checkpoint_step, decay_steps, fork_step
 from asr.errors import ConfigError
 from asr.requeue import is_complete
 
@@ -55,15 +55,10 @@ def callbacks(trainer: DictConfig) -> list[TrainerCallback]:
     return []
 
 
-def decay_start(max_steps: int, cooldown_fraction: float) -> int:
-    """The last step at the constant rate of a WSD run of `max_steps`; its decay takes the steps after it."""
-    return max_steps - decay_steps(max_steps, cooldown_fraction)
-
-
 def cooldown_steps(max_steps: int, n: int, cooldown_fraction: float) -> list[int]:
     """by=cooldown: the steps, evenly through the decay of a WSD run of `max_steps`, whose checkpoints are
     averaged; the last is the final step (fewer than n when the decay has fewer than n steps)."""
-    start, decay = decay_start(max_steps, cooldown_fraction), decay_steps(max_steps, cooldown_fraction)
+    start, decay = fork_step(max_steps, cooldown_fraction), decay_steps(max_steps, cooldown_fraction)
     return sorted({start + max(1, round(decay * k / n)) for k in range(1, n + 1)})
 
 
@@ -83,7 +78,7 @@ class CooldownSaves(TrainerCallback):
 
 def choose(folder: Path, n: int, by: str, log_history: list[dict], decay_from: int = 0) -> list[Path]:
     """The checkpoints to average, oldest first: the newest n complete ones, the n with the lowest dev WER,
-    or (by=cooldown) the newest n saved after step `decay_from`, where the decay starts."""
+    or (by=cooldown) the newest n saved after step `decay_from`, the last at the constant rate (the fork)."""
     saved = sorted(
         (c for c in Path(folder).glob("checkpoint-*") if c.name.rsplit("-", 1)[-1].isdigit() and is_complete(c)),
         key=checkpoint_step,

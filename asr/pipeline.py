@@ -17,7 +17,7 @@ from transformers import TrainerCallback, set_seed
 
 from asr import averaging, requeue, roles, threads
 from asr.audit import run_audit
-from asr.branches import checkpoint_step
+from asr.branches import checkpoint_step, fork_step
 from asr.data import fingerprint
 from asr.data.text import NORMALIZATION_VERSION
 from asr.errors import RunPruned, UserError
@@ -181,7 +181,7 @@ def _test_average(parts: RunParts, trainer) -> dict:
         settings.average_checkpoints,
         settings.average_checkpoints_by,
         trainer.state.log_history,
-        decay_from=averaging.decay_start(trainer.state.max_steps, settings.cooldown_fraction),
+        decay_from=fork_step(trainer.state.max_steps, settings.cooldown_fraction),
     )
     if len(chosen) < settings.average_checkpoints:
         log.warning(

@@ -30,6 +30,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 import asr  # noqa: F401  (registers ${repo_dir:})
+from asr.averaging import CHOICES
 from asr.paths import REPO_DIR
 from asr.report import default_bootstrap, paired_comparison
 from asr.sweep import run_study
@@ -217,14 +218,14 @@ def main() -> None:
     parser.add_argument(
         "--averaging",
         nargs="*",
-        choices=("last", "best", "cooldown"),
+        choices=CHOICES,
         help="also measure checkpoint averaging, one run per choice of checkpoints (none given: all three)",
     )
     parser.add_argument("--no-studies", action="store_true", help="skip the grid and the studies")
     parser.add_argument("--out", type=Path, default=REPO_DIR / "outputs" / "benchmarks" / "branch_sweep")
     args = parser.parse_args()
     if args.averaging == []:
-        args.averaging = ["last", "best", "cooldown"]
+        args.averaging = list(CHOICES)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     args.stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
     args.out.mkdir(parents=True, exist_ok=True)

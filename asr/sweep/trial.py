@@ -210,7 +210,8 @@ def _train_rungs(trial: optuna.Trial, spec: SweepSpec, params: dict[str, Any], o
     container = _trial_run(trial, spec, params)
     steps = 0  # optimizer steps this trial trained: its trunk's and its branches'
     try:
-        for rung, epochs in enumerate(spec.rungs()):
+        rungs = spec.rungs()
+        for rung, epochs in enumerate(rungs):
             overrides = [*spec.trial_overrides(params), f"{EPOCHS}={epochs:g}", f"branch.trunk_dir={trunk_dir}"]
             metrics = folder.done(epochs)
             if metrics:
@@ -226,7 +227,7 @@ def _train_rungs(trial: optuna.Trial, spec: SweepSpec, params: dict[str, Any], o
             reported = {key: _metric(metrics, key) for key in dict.fromkeys((spec.cfg.metric, spec.prune_metric))}
             trial.set_user_attr(f"rung_{rung}", {"epochs": epochs, **reported})
             trial.report(reported[spec.prune_metric], step=rung_step(rung, spec.cfg.pruner))
-            if rung < len(spec.rungs()) - 1 and trial.should_prune():  # the last rung is trained: nothing to save
+            if rung < len(rungs) - 1 and trial.should_prune():  # the last rung is trained: nothing to save
                 _end_trial_run(container, "FINISHED", "PRUNED")
                 value = reported[spec.prune_metric]
                 raise optuna.TrialPruned(f"rung {rung} ({epochs:g} epochs): {spec.prune_metric} {value:.4f}")
